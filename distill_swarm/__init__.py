@@ -1,0 +1,1 @@
+"""The `distill-swarm` command line and the local demo."""

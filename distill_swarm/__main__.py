@@ -1,0 +1,5 @@
+"""`python -m distill_swarm` is the `distill-swarm` command."""
+
+from distill_swarm.cli import main
+
+main()

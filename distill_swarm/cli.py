@@ -1,0 +1,59 @@
+"""The `distill-swarm` command: master, pupil, status and the local demo.
+
+This module only composes the two roles' command groups; `master/` and `pupil_node/` never import
+each other.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distill_swarm.demo import BUNDLED_PROMPTS, run_demo
+from shared.cli_support import exit_on_errors, setup_logging
+
+app = typer.Typer(
+    help="Teach small edge models to answer like a large one, over RabbitMQ.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Imported here so `distill-swarm pupil` on a Pi never imports the master's modules' deps.
+    from master.cli import app as master_app
+    from master.cli import status
+    from pupil_node.cli import app as pupil_app
+
+    app.add_typer(master_app, name="master")
+    app.add_typer(pupil_app, name="pupil")
+    app.command("status")(status)
+
+
+@app.command("demo")
+def demo(
+    nodes: Annotated[int, typer.Option(min=1, max=8, help="How many pupil processes.")] = 2,
+    prompts: Annotated[Path, typer.Option(help="Prompt set to teach from.")] = BUNDLED_PROMPTS,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where logs, store and checkpoints go (default: a temp dir).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=8, max=1024, help="Answer length cap.")] = 64,
+    timeout_s: Annotated[float, typer.Option(min=10, help="Give up after this long.")] = 1200,
+) -> None:
+    """Run a master and N pupils on the embedded models over a local RabbitMQ."""
+    setup_logging("WARNING")
+    directory = workdir or Path(tempfile.mkdtemp(prefix="distill-swarm-demo-"))
+    with exit_on_errors():
+        code = run_demo(nodes, prompts, directory, max_tokens, timeout_s)
+    raise typer.Exit(code)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

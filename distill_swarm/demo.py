@@ -1,0 +1,191 @@
+"""`distill-swarm demo`: a master and N pupils as separate processes over a real RabbitMQ.
+
+Runs on the embedded models (no Ollama, no network). Master and pupils share the one packaged text
+model, so the master is made distinct on purpose: its own template (an expert persona answering in
+a fixed, concise structure) and greedy decoding, while pupils use the seed's plain template and
+sample at temperature 0.8. That gap is what the pupils' adapters learn.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pika
+from tqdm import tqdm
+
+from distill_swarm.local_broker import LocalBroker, port_open
+from master.prompts import load_prompts
+from master.status import format_table
+from master.store import Store
+from shared.broker import connect
+from shared.config import BrokerConfig, load_settings
+from shared.errors import BrokerError, DistillSwarmError
+from shared.topology import Topology
+
+BUNDLED_PROMPTS = Path(__file__).resolve().parent.parent / "master" / "prompt_sets" / "demo.jsonl"
+POLL_S = 0.5
+
+
+def demo_config(broker_url: str, namespace: str, max_tokens: int) -> str:
+    """The TOML config every demo process reads (written to the work dir for people to look at)."""
+    return f"""# Written by `distill-swarm demo`: one file for the master and every pupil.
+[broker]
+url = "{broker_url}"
+namespace = "{namespace}"
+heartbeat_s = 60
+prefetch = 1
+
+[master]
+eval_fraction = 0.25
+expect_nodes_timeout_s = 300
+
+[master.generator]
+kind = "embedded"
+model = "gemma3-270m"
+template = "master.j2"
+temperature = 0.0          # greedy: the master's answer is its most likely one
+max_tokens = {max_tokens}
+threads = 1                # three processes share 2 cores
+
+[master.embedder]
+kind = "embedded"
+model = "all-minilm-l6-v2"
+
+[pupil]
+heartbeat_interval_s = 5
+
+[pupil.generator]
+kind = "embedded"
+model = "gemma3-270m"
+template = "pupil.j2"
+temperature = 0.8          # sampling: a different style from the master's
+max_tokens = {max_tokens}
+threads = 1
+
+[pupil.embedder]
+kind = "embedded"
+model = "all-minilm-l6-v2"
+
+[pupil.adapter]
+hidden_dim = 256
+steps_per_lesson = 8
+batch_size = 16
+"""
+
+
+def broker_reachable(url: str) -> bool:
+    """True if an AMQP server accepts TCP at the URL's host and port."""
+    params = pika.URLParameters(url)
+    return port_open(params.host, params.port)
+
+
+def run_demo(
+    nodes: int, prompts: Path, workdir: Path, max_tokens: int, timeout_s: float
+) -> int:
+    """Run the whole demo; returns a process exit code."""
+    load_prompts(prompts)  # fail fast, with the field named, before starting anything
+    settings = load_settings()
+    with ExitStack() as stack:
+        url = settings.broker.url
+        if not broker_reachable(url):
+            print(f"no RabbitMQ at {url}; starting a private one for this demo", flush=True)
+            url = stack.enter_context(LocalBroker()).url
+        namespace = f"demo{secrets.token_hex(3)}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path = workdir / "demo.toml"
+        config_path.write_text(demo_config(url, namespace, max_tokens))
+        node_ids = tuple(f"pupil-{i}" for i in range(1, nodes + 1))
+        stack.callback(_delete_topology, BrokerConfig(url=url, namespace=namespace), node_ids)
+        return _run_processes(config_path, workdir, prompts, node_ids, timeout_s)
+    return 1  # unreachable; keeps type checkers calm
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("AMQP_URL", None)  # the config file names the broker
+    log = log_path.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill_swarm", *args], stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def _run_processes(
+    config: Path, workdir: Path, prompts: Path, node_ids: tuple[str, ...], timeout_s: float
+) -> int:
+    store_path = workdir / "master.sqlite3"
+    store_path.unlink(missing_ok=True)
+    pupils = [
+        _spawn(
+            ["pupil", "run", "--config", str(config), "--node-id", node,
+             "--state-dir", str(workdir / node)],
+            workdir / f"{node}.log",
+        )
+        for node in node_ids
+    ]
+    master = _spawn(
+        ["master", "run", "--config", str(config), "--prompts", str(prompts),
+         "--store", str(store_path), "--expect-nodes", str(len(node_ids)),
+         "--exit-when-done", "--timeout-s", str(timeout_s)],
+        workdir / "master.log",
+    )
+    print(f"master and {len(node_ids)} pupils started; logs in {workdir}", flush=True)
+    try:
+        code = _watch(master, pupils, store_path, len(load_prompts(prompts)) * len(node_ids))
+    finally:
+        for proc in [master, *pupils]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [master, *pupils]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if store_path.is_file():
+        print(format_table(Store(store_path).node_status()))
+    if code != 0:
+        print(f"master exited with code {code}; see {workdir / 'master.log'}", file=sys.stderr)
+    return code
+
+
+def _watch(
+    master: subprocess.Popen[bytes],
+    pupils: list[subprocess.Popen[bytes]],
+    store_path: Path,
+    expected_reports: int,
+) -> int:
+    """Show a progress bar of reports received until the master exits."""
+    with tqdm(total=expected_reports, desc="reports", unit="report") as bar:
+        while master.poll() is None:
+            dead = [p for p in pupils if p.poll() is not None]
+            if dead:
+                print(f"a pupil exited early (code {dead[0].returncode})", file=sys.stderr)
+                return 1
+            if store_path.is_file():
+                try:
+                    done = Store(store_path).report_count()
+                    bar.update(done - bar.n)
+                except DistillSwarmError:
+                    pass
+            time.sleep(POLL_S)
+        if store_path.is_file():
+            bar.update(Store(store_path).report_count() - bar.n)
+    return int(master.returncode)
+
+
+def _delete_topology(config: BrokerConfig, node_ids: tuple[str, ...]) -> None:
+    try:
+        connection = connect(config.model_copy(update={"connect_attempts": 1}))
+    except BrokerError:
+        return
+    try:
+        Topology(config.namespace).delete_all(connection.channel(), node_ids)
+    finally:
+        connection.close()

@@ -1,0 +1,175 @@
+"""The master service: publish lessons, ingest reports, track nodes.
+
+Two threads, each with its own broker connection:
+- the *consumer* (the caller's thread) ingests reports and hello/heartbeat/goodbye messages;
+- the *publisher* thread waits for the expected pupils, then answers each prompt with the master
+  model and publishes the lesson, skipping lessons an earlier run already published.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+from master.prompts import PromptItem
+from master.store import Store
+from master.teacher import Teacher
+from shared.backends import Embedder, TextGenerator
+from shared.broker import Consumer, Delivery, Publisher
+from shared.config import Settings
+from shared.errors import DecodeError, DistillSwarmError
+from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+# How often the publisher thread re-checks progress while it waits.
+WAIT_POLL_S = 0.5
+
+
+class MasterService:
+    """One master: owns the store, the master model, and both broker connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        generator: TextGenerator,
+        embedder: Embedder,
+        store: Store,
+        prompts: list[PromptItem],
+    ) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
+        self.store = store
+        self.prompts = prompts
+        self.teacher = Teacher(settings.master, generator, embedder, store)
+        self.stop = threading.Event()
+        self.lesson_ids: list[str] = []
+        self.publishing_done = threading.Event()
+        self.failure: BaseException | None = None
+        # Nodes count as present if they spoke since shortly before we started (a heartbeat
+        # interval's grace), so a master restarted under a running swarm does not wait forever.
+        self._started_iso = (datetime.now(UTC) - timedelta(seconds=90)).isoformat()
+
+    # -- ingestion (consumer thread) --------------------------------------------------------
+
+    def handle(self, delivery: Delivery) -> None:
+        """Store one report or control message; raises DecodeError for anything invalid."""
+        if delivery.queue == self.topology.reports_queue:
+            report = decode(delivery.body, Report)
+            assert isinstance(report, Report)
+            if self.store.add_report(report):
+                log.info(
+                    "report %s from %s: before=%s adapted=%s",
+                    report.lesson_id[:8], report.node_id,
+                    _fmt(report.similarity_before), _fmt(report.similarity_adapted),
+                )
+            else:
+                log.info("duplicate report %s from %s ignored", report.lesson_id[:8], report.node_id)
+            return
+        message = decode(delivery.body)
+        if isinstance(message, Hello | Heartbeat):
+            self.store.touch_node(message.node, "online")
+        elif isinstance(message, Goodbye):
+            self.store.touch_node(message.node, "offline")
+        else:
+            raise DecodeError(f"unexpected {message.kind} message on the control queue")
+
+    # -- publishing (publisher thread) ------------------------------------------------------
+
+    def expected_nodes(self) -> list[str]:
+        """Nodes present since this master started."""
+        return self.store.nodes_seen_since(self._started_iso)
+
+    def _wait_for_nodes(self) -> None:
+        want = self.settings.master.expect_nodes
+        if want == 0:
+            return
+        deadline = time.monotonic() + self.settings.master.expect_nodes_timeout_s
+        while len(self.expected_nodes()) < want:
+            if time.monotonic() > deadline:
+                raise DistillSwarmError(
+                    f"only {len(self.expected_nodes())} of {want} expected pupil nodes said hello "
+                    f"within {self.settings.master.expect_nodes_timeout_s:.0f}s"
+                )
+            if self.stop.wait(WAIT_POLL_S):
+                return
+        log.info("pupils present: %s", ", ".join(self.expected_nodes()))
+
+    def publish_lessons(self) -> None:
+        """Answer every prompt and publish it as a lesson, once per lesson id."""
+        publisher = Publisher(self.settings.broker, self.topology.declare_master, self.stop)
+        try:
+            self._wait_for_nodes()
+            for seq, item in enumerate(self.prompts):
+                if self.stop.is_set():
+                    return
+                lesson, published = self.teacher.lesson_for(item, seq)
+                self.lesson_ids.append(lesson.lesson_id)
+                if published:
+                    continue
+                publisher.publish(
+                    self.topology.lessons_exchange, "", encode(lesson), lesson.lesson_id
+                )
+                self.store.mark_published(lesson.lesson_id)
+                log.info(
+                    "published lesson %d/%d (%s, %s)",
+                    seq + 1, len(self.prompts), lesson.lesson_id[:8], lesson.split,
+                )
+        finally:
+            publisher.close()
+            self.publishing_done.set()
+
+    def complete(self) -> bool:
+        """True when every lesson of this run has a report from every present node."""
+        if not self.publishing_done.is_set():
+            return False
+        nodes = self.expected_nodes()
+        want = len(self.lesson_ids) * len(nodes)
+        return want > 0 and self.store.reported_pairs(self.lesson_ids, nodes) >= want
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def run(self, exit_when_done: bool = False, timeout_s: float | None = None) -> None:
+        """Serve until stopped (or, with ``exit_when_done``, until every report is in).
+
+        Raises the publisher thread's error, or DistillSwarmError on timeout.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def publish() -> None:
+            try:
+                self.publish_lessons()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.failure = exc
+                self.stop.set()
+
+        def tick() -> None:
+            if exit_when_done and self.complete():
+                log.info("every report is in; stopping")
+                self.stop.set()
+            if deadline is not None and time.monotonic() > deadline:
+                self.failure = DistillSwarmError(f"run did not complete within {timeout_s:.0f}s")
+                self.stop.set()
+
+        consumer = Consumer(
+            self.settings.broker,
+            self.topology,
+            [self.topology.reports_queue, self.topology.control_queue],
+            self.handle,
+            declare=self.topology.declare_master,
+            on_tick=tick,
+            tick_interval_s=1.0,
+        )
+        thread = threading.Thread(target=publish, name="publisher", daemon=True)
+        thread.start()
+        consumer.run(self.stop)
+        thread.join(timeout=10)
+        if self.failure is not None:
+            raise self.failure
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,39 @@
+"""`distill-swarm status`: one row per node, read from the master's store."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from master.store import NodeStatus
+
+COLUMNS = (
+    ("node", 12), ("state", 7), ("last seen (UTC)", 19), ("lessons", 7), ("errors", 6),
+    ("loss", 7), ("eval n", 6), ("sim before", 10), ("sim adapted", 11),
+)
+
+
+def _num(value: float | None, width: int) -> str:
+    return ("-" if value is None else f"{value:.4f}").rjust(width)
+
+
+def format_table(rows: list[NodeStatus]) -> str:
+    """A fixed-width table; similarity means are over eval lessons only."""
+    header = "  ".join(name.ljust(width) for name, width in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        cells = [
+            r.node_id.ljust(12), r.state.ljust(7), r.last_seen[:19].replace("T", " "),
+            str(r.lessons_done).rjust(7), str(r.errors).rjust(6), _num(r.latest_loss, 7),
+            str(r.eval_lessons).rjust(6), _num(r.mean_before, 10), _num(r.mean_adapted, 11),
+        ]
+        lines.append("  ".join(cells))
+    if not rows:
+        lines.append("(no node has said hello yet)")
+    lines.append("sim = mean cosine to the master's answer on eval lessons (never trained on)")
+    return "\n".join(lines)
+
+
+def format_json(rows: list[NodeStatus]) -> str:
+    """The same rows as a JSON list."""
+    return json.dumps([asdict(r) for r in rows], indent=2)

@@ -1,0 +1,300 @@
+"""The master's SQLite store: lessons, reports, nodes and an embedding cache.
+
+Every write is idempotent: a report is keyed by (lesson_id, node_id), so a redelivered report is
+counted once; a lesson is keyed by its deterministic id, so a restarted master finds what it has
+already answered and published. Each thread gets its own connection (sqlite3 objects must not
+cross threads); WAL mode lets the CLI read while the service writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from shared.messages import Lesson, NodeInfo, Report
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    model TEXT NOT NULL,
+    text_sha256 TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model, text_sha256)
+);
+CREATE TABLE IF NOT EXISTS lessons (
+    lesson_id TEXT PRIMARY KEY,
+    prompt_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    published_at TEXT
+);
+CREATE TABLE IF NOT EXISTS reports (
+    lesson_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    split TEXT NOT NULL,
+    similarity_before REAL,
+    similarity_adapted REAL,
+    similarity_guided REAL,
+    final_loss REAL,
+    trained INTEGER NOT NULL,
+    error TEXT,
+    adapter_version INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 1,  -- >1: the report came again (at-least-once)
+    PRIMARY KEY (lesson_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    state TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def text_hash(text: str) -> str:
+    """The cache key of a text: sha256 of its UTF-8 bytes."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One row of `distill-swarm status`."""
+
+    node_id: str
+    state: str
+    last_seen: str
+    pupil_model: str
+    lessons_done: int
+    errors: int
+    latest_loss: float | None
+    eval_lessons: int
+    mean_before: float | None
+    mean_adapted: float | None
+    mean_guided: float | None
+
+
+class Store:
+    """SQLite-backed store shared by the master's threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)  # executescript manages its own transaction
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- embedding cache -------------------------------------------------------------------
+
+    def cached_embedding(self, model: str, text: str) -> np.ndarray | None:
+        """The cached embedding of ``text`` by ``model``, if any."""
+        row = self._db().execute(
+            "SELECT dim, vector FROM embeddings WHERE model=? AND text_sha256=?",
+            (model, text_hash(text)),
+        ).fetchone()
+        if row is None:
+            return None
+        return np.frombuffer(row["vector"], dtype=np.float32).reshape(row["dim"]).copy()
+
+    def cache_embedding(self, model: str, text: str, vector: np.ndarray) -> None:
+        """Remember an embedding (float32)."""
+        flat = np.asarray(vector, dtype=np.float32).reshape(-1)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)",
+                (model, text_hash(text), flat.shape[0], flat.tobytes()),
+            )
+
+    # -- lessons ---------------------------------------------------------------------------
+
+    def get_lesson(self, lesson_id: str) -> tuple[Lesson, bool] | None:
+        """The stored lesson and whether it was published, or None."""
+        row = self._db().execute(
+            "SELECT body, published_at FROM lessons WHERE lesson_id=?", (lesson_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return Lesson.model_validate_json(row["body"]), row["published_at"] is not None
+
+    def save_lesson(self, lesson: Lesson, prompt_id: str, seq: int) -> None:
+        """Store a lesson before it is published (idempotent)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO lessons VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (lesson.lesson_id, prompt_id, seq, lesson.split, lesson.model_dump_json(), _now()),
+            )
+
+    def mark_published(self, lesson_id: str) -> None:
+        """Record that the broker confirmed the lesson."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE lessons SET published_at=? WHERE lesson_id=? AND published_at IS NULL",
+                (_now(), lesson_id),
+            )
+
+    def published_lesson_ids(self) -> list[str]:
+        """Ids of every published lesson, in publishing order."""
+        rows = self._db().execute(
+            "SELECT lesson_id FROM lessons WHERE published_at IS NOT NULL ORDER BY published_at"
+        )
+        return [r["lesson_id"] for r in rows]
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def add_report(self, report: Report) -> bool:
+        """Store a report; False if this node already reported this lesson (a redelivery)."""
+        final_loss = report.losses[-1] if report.losses else None
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT (lesson_id, node_id) DO UPDATE SET deliveries = deliveries + 1 "
+                "RETURNING deliveries",
+                (
+                    report.lesson_id, report.node_id, report.split,
+                    report.similarity_before, report.similarity_adapted,
+                    report.similarity_guided, final_loss, int(report.trained), report.error,
+                    report.adapter_version, report.model_dump_json(), _now(),
+                ),
+            )
+            (deliveries,) = cursor.fetchone()
+            return bool(deliveries == 1)
+
+    def reports(self, node_id: str | None = None) -> list[Report]:
+        """Every stored report (optionally of one node), oldest first."""
+        sql = "SELECT body FROM reports"
+        args: tuple[str, ...] = ()
+        if node_id is not None:
+            sql += " WHERE node_id=?"
+            args = (node_id,)
+        rows = self._db().execute(sql + " ORDER BY received_at, rowid", args)
+        return [Report.model_validate_json(r["body"]) for r in rows]
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """How often each (lesson, node) report arrived; more than 1 means it was redelivered."""
+        rows = self._db().execute("SELECT lesson_id, node_id, deliveries FROM reports")
+        return {(r["lesson_id"], r["node_id"]): r["deliveries"] for r in rows}
+
+    def report_count(self) -> int:
+        """How many distinct (lesson, node) reports are stored."""
+        return int(self._db().execute("SELECT COUNT(*) FROM reports").fetchone()[0])
+
+    def reported_pairs(self, lesson_ids: list[str], node_ids: list[str]) -> int:
+        """How many (lesson, node) pairs among the given ones have a stored report."""
+        if not lesson_ids or not node_ids:
+            return 0
+        db = self._db()
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (lesson_id TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM wanted")
+        db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(i,) for i in lesson_ids])
+        marks = ",".join("?" * len(node_ids))
+        sql = (
+            "SELECT COUNT(*) FROM reports JOIN wanted USING (lesson_id) "
+            f"WHERE node_id IN ({marks})"
+        )
+        return int(db.execute(sql, node_ids).fetchone()[0])
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def touch_node(self, info: NodeInfo, state: str) -> None:
+        """Record a hello/heartbeat/goodbye from a node."""
+        now = _now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                "info=excluded.info, state=excluded.state, last_seen=excluded.last_seen",
+                (info.node_id, info.model_dump_json(), state, now, now),
+            )
+
+    def node_info(self, node_id: str) -> NodeInfo | None:
+        """What the node said about itself last, or None if it never spoke."""
+        row = self._db().execute("SELECT info FROM nodes WHERE node_id=?", (node_id,)).fetchone()
+        return None if row is None else NodeInfo.model_validate_json(row["info"])
+
+    def nodes_seen_since(self, since_iso: str) -> list[str]:
+        """Ids of nodes that said anything at or after ``since_iso`` and did not say goodbye."""
+        rows = self._db().execute(
+            "SELECT node_id FROM nodes WHERE last_seen >= ? AND state != 'offline' "
+            "ORDER BY node_id",
+            (since_iso,),
+        )
+        return [r["node_id"] for r in rows]
+
+    def node_status(self) -> list[NodeStatus]:
+        """Per-node summary: eval-only similarity means, so training fit never flatters them."""
+        db = self._db()
+        out = []
+        for node in db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall():
+            info = NodeInfo.model_validate_json(node["info"])
+            agg = db.execute(
+                "SELECT COUNT(*) AS done, SUM(error IS NOT NULL) AS errors, "
+                "SUM(split='eval' AND error IS NULL) AS evals, "
+                "AVG(CASE WHEN split='eval' THEN similarity_before END) AS before, "
+                "AVG(CASE WHEN split='eval' THEN similarity_adapted END) AS adapted, "
+                "AVG(CASE WHEN split='eval' THEN similarity_guided END) AS guided "
+                "FROM reports WHERE node_id=?",
+                (node["node_id"],),
+            ).fetchone()
+            loss = db.execute(
+                "SELECT final_loss FROM reports WHERE node_id=? AND trained=1 "
+                "ORDER BY adapter_version DESC LIMIT 1",
+                (node["node_id"],),
+            ).fetchone()
+            out.append(
+                NodeStatus(
+                    node_id=node["node_id"],
+                    state=node["state"],
+                    last_seen=node["last_seen"],
+                    pupil_model=info.pupil_model,
+                    lessons_done=int(agg["done"] or 0),
+                    errors=int(agg["errors"] or 0),
+                    latest_loss=None if loss is None else loss["final_loss"],
+                    eval_lessons=int(agg["evals"] or 0),
+                    mean_before=agg["before"],
+                    mean_adapted=agg["adapted"],
+                    mean_guided=agg["guided"],
+                )
+            )
+        return out

@@ -1,0 +1,53 @@
+"""`distill-swarm pupil ...`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pupil_node.node import PupilNode
+from pupil_node.service import PupilService
+from shared.backends import build_embedder, build_generator
+from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
+
+app = typer.Typer(help="A pupil node: learn from the master.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+
+@app.command("run")
+def run(
+    node_id: Annotated[
+        str | None, typer.Option(help="This node's id (letters, digits, . _ -).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where the adapter checkpoint and journal live.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
+) -> None:
+    """Consume lessons, answer, train the adapter, report back."""
+    setup_logging(log_level)
+    settings = settings_from(config, {"pupil.node_id": node_id, "pupil.state_dir": state_dir})
+    cfg = settings.pupil
+    if cfg.node_id is None:
+        fail("no node id: give --node-id NAME or set pupil.node_id")
+    with exit_on_errors():
+        generator = build_generator(
+            cfg.generator.kind, cfg.generator.model, url=cfg.generator.url,
+            timeout_s=cfg.generator.timeout_s, n_threads=cfg.generator.threads,
+        )
+        embedder = build_embedder(
+            cfg.embedder.kind, cfg.embedder.model, url=cfg.embedder.url,
+            timeout_s=cfg.embedder.timeout_s,
+        )
+        node = PupilNode(cfg.node_id, cfg, generator, embedder)
+        service = PupilService(settings, node)
+        stop_on_signals(service.stop)
+        log.info("pupil %s: model %s, adapter v%d", cfg.node_id, generator.model_name,
+                 node.trainer.version)
+        service.run()

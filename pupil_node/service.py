@@ -1,0 +1,111 @@
+"""The pupil node as a service: hello, heartbeats, the lesson consumer, goodbye.
+
+The consumer's I/O thread keeps the connection alive (heartbeats) while the worker thread runs a
+lesson, which may take minutes on a Pi. Reports and control messages go out on a separate,
+confirming publisher connection; a lesson is acked only after its report is confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pupil_node.node import PupilNode
+from shared.broker import Consumer, Delivery, Publisher
+from shared.config import Settings
+from shared.errors import EmbeddingMismatch
+from shared.messages import Goodbye, Heartbeat, Hello, Lesson, Message, Report, decode, encode
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class PupilService:
+    """Runs one :class:`PupilNode` against the broker until stopped."""
+
+    def __init__(self, settings: Settings, node: PupilNode) -> None:
+        self.settings = settings
+        self.node = node
+        self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
+        self.stop = threading.Event()
+        self.publisher = Publisher(settings.broker, self._declare, self.stop)
+        self._next_heartbeat = 0.0
+
+    def _declare(self, channel: object) -> None:
+        self.topology.declare_pupil(channel, self.node.node_id)  # type: ignore[arg-type]
+
+    def _control(self, message: Message) -> None:
+        # Not mandatory: hello/heartbeat are soft state that the next heartbeat repeats, and a
+        # pupil that starts before the master has declared its queues must not fail for it.
+        # Reports, in contrast, are mandatory: an unroutable one leaves the lesson unacked.
+        key = self.topology.control_key(message.kind, self.node.node_id)
+        self.publisher.publish(
+            self.topology.control_exchange, key, encode(message), message.message_id,
+            mandatory=False,
+        )
+
+    def handle(self, delivery: Delivery) -> None:
+        """Run the lesson flow, then publish the report; raising leaves the ack undone."""
+        try:
+            outcome = self.node.process(delivery)
+        except EmbeddingMismatch as exc:
+            self._report_refusal(delivery, str(exc))
+            raise
+        self.publisher.publish(
+            self.topology.reports_exchange,
+            self.topology.REPORT_KEY,
+            outcome.report,
+            f"{outcome.lesson_id}:{self.node.node_id}",
+        )
+
+    def _report_refusal(self, delivery: Delivery, reason: str) -> None:
+        # Tell the master why this node will never do the lesson, so nobody waits for it.
+        lesson = decode(delivery.body, Lesson)  # it decoded once already, only its space is wrong
+        assert isinstance(lesson, Lesson)
+        report = Report(
+            lesson_id=lesson.lesson_id,
+            node_id=self.node.node_id,
+            split=lesson.split,
+            pupil_model=self.node.generator.model_name,
+            error=reason[:2000],
+        )
+        self.publisher.publish(
+            self.topology.reports_exchange, self.topology.REPORT_KEY, encode(report),
+            report.message_id,
+        )
+
+    def tick(self) -> None:
+        """Runs on the consumer's I/O thread: heartbeat when due, keep the publisher alive."""
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.node.config.heartbeat_interval_s
+            try:
+                self._control(Heartbeat(node=self.node.info()))
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not stop lessons
+                log.warning("heartbeat failed: %s", exc)
+        else:
+            self.publisher.pump()
+
+    def run(self) -> None:
+        """Say hello, consume lessons until stopped, say goodbye."""
+        self._control(Hello(node=self.node.info()))
+        self._next_heartbeat = time.monotonic() + self.node.config.heartbeat_interval_s
+        consumer = Consumer(
+            self.settings.broker,
+            self.topology,
+            [self.topology.pupil_queue(self.node.node_id)],
+            self.handle,
+            declare=self._declare,
+            on_tick=self.tick,
+            tick_interval_s=1.0,
+        )
+        try:
+            consumer.run(self.stop)
+        finally:
+            try:
+                self._control(Goodbye(node=self.node.info()))
+            except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                log.warning("goodbye not sent: %s", exc)
+            self.publisher.close()
+            self.node.close()

@@ -1,0 +1,223 @@
+"""Backends served by Ollama, through the official ``ollama`` client.
+
+Every call goes through one retry loop: transient failures (connection refused or reset, HTTP 429
+and 5xx) are retried a bounded number of times with exponential backoff and jitter; a missing
+model (HTTP 404) and other client errors are not. Library exceptions never leak: they become
+``BackendUnreachable``, ``ModelNotFound`` or ``BackendError``, each one line naming the URL and
+the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import ollama
+
+from shared.backends import GenerationParams
+from shared.errors import BackendError, BackendUnreachable, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
+MAX_ATTEMPTS = 3
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 4.0
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Embedded once at construction to learn the model's dimension (see OllamaEmbedder).
+DIM_PROBE_TEXT = "dimension probe"
+
+# Older clients have no ``think`` argument; newer servers accept ``think=False`` for any model.
+_CLIENT_HAS_THINK = "think" in inspect.signature(ollama.Client.chat).parameters
+# Thinking models may still emit a reasoning block; an unclosed one means the answer was cut off
+# while still thinking, so all of it goes.
+_THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
+
+T = TypeVar("T")
+
+
+def resolve_url(url: str | None) -> str:
+    """Return the Ollama URL to use: ``url``, else ``$OLLAMA_HOST``, else the local default."""
+    chosen = url or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_URL
+    if "://" not in chosen:
+        chosen = "http://" + chosen
+    return chosen.rstrip("/")
+
+
+def strip_thinking(text: str) -> str:
+    """Remove any ``<think>...</think>`` block from a model's answer."""
+    return _THINK_BLOCK.sub("", text).strip()
+
+
+class _OllamaConnection:
+    """One ``ollama.Client`` plus the retry loop and error translation shared by both backends."""
+
+    def __init__(self, url: str | None, timeout_s: float) -> None:
+        self.url = resolve_url(url)
+        self.timeout_s = timeout_s
+        self.client = ollama.Client(host=self.url, timeout=timeout_s)
+
+    def call(self, model: str, request: Callable[[], T]) -> T:
+        """Run ``request``, retrying transient failures, translating the rest."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return request()
+            except ollama.ResponseError as e:
+                self._raise_unless_retryable(model, e, attempt)
+                reason = f"HTTP {e.status_code}: {e.error}"
+            except (ConnectionError, httpx.ConnectTimeout) as e:
+                reason = _one_line(e.__context__ or e)
+                if attempt == MAX_ATTEMPTS:
+                    raise self._unreachable(model, reason) from None
+            except httpx.TimeoutException:
+                # The server took the request but the model is slow: retrying would only triple
+                # the wait.
+                raise BackendError(
+                    f"Ollama at {self.url} did not answer within {self.timeout_s:g} s "
+                    f"for model '{model}'; raise the timeout or use a smaller model"
+                ) from None
+            except httpx.TransportError as e:
+                reason = _one_line(e)
+                if attempt == MAX_ATTEMPTS:
+                    raise self._unreachable(model, reason) from None
+            delay_s = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+            delay_s *= random.uniform(0.5, 1.0)  # jitter, so nodes do not retry in lockstep
+            log.warning(
+                "Ollama at %s, model '%s': %s; retry %d/%d in %.1f s",
+                self.url,
+                model,
+                reason,
+                attempt,
+                MAX_ATTEMPTS - 1,
+                delay_s,
+            )
+            time.sleep(delay_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _raise_unless_retryable(self, model: str, e: ollama.ResponseError, attempt: int) -> None:
+        if e.status_code == 404 and "not found" in str(e.error):
+            raise ModelNotFound(
+                f"Ollama at {self.url} has no model '{model}'; run `ollama pull {model}`"
+            ) from None
+        if e.status_code not in RETRYABLE_STATUS or attempt == MAX_ATTEMPTS:
+            raise BackendError(
+                f"Ollama at {self.url} failed for model '{model}': "
+                f"{_one_line(e.error)} (HTTP {e.status_code})"
+            ) from None
+
+    def _unreachable(self, model: str, reason: str) -> BackendUnreachable:
+        return BackendUnreachable(
+            f"cannot reach Ollama at {self.url} (model '{model}'): {reason}; "
+            "is `ollama serve` running?"
+        )
+
+
+class OllamaGenerator:
+    """Text generation with an Ollama chat model (``/api/chat``, not streamed)."""
+
+    def __init__(self, model: str, *, url: str | None = None, timeout_s: float = 120.0) -> None:
+        """Prepare a generator; nothing is sent until the first ``generate``."""
+        self.model = model
+        self.model_name = f"ollama:{model}"
+        self._conn = _OllamaConnection(url, timeout_s)
+
+    @property
+    def url(self) -> str:
+        """The Ollama server this generator talks to."""
+        return self._conn.url
+
+    def generate(self, prompt: str, params: GenerationParams, system: str | None = None) -> str:
+        """Return the model's answer to ``prompt``, without any thinking block."""
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        options: dict[str, Any] = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "num_predict": params.max_tokens,
+        }
+        if params.seed is not None:
+            options["seed"] = params.seed
+        extra: dict[str, Any] = {"think": False} if _CLIENT_HAS_THINK else {}
+        response = self._conn.call(
+            self.model,
+            lambda: self._conn.client.chat(
+                model=self.model, messages=messages, options=options, stream=False, **extra
+            ),
+        )
+        return strip_thinking(response.message.content or "")
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._conn.client.close()
+
+
+class OllamaEmbedder:
+    """Embeddings from an Ollama embedding model (``/api/embed``).
+
+    The dimension is learnt by embedding a probe string at construction, so a missing model or
+    an unreachable server fails at startup rather than on the first lesson, and ``dim`` is a
+    plain attribute.
+    """
+
+    def __init__(self, model: str, *, url: str | None = None, timeout_s: float = 60.0) -> None:
+        """Connect and probe the model for its dimension.
+
+        Raises:
+            BackendUnreachable: the server does not answer.
+            ModelNotFound: the server does not have ``model``.
+        """
+        self.model_name = model
+        self._conn = _OllamaConnection(url, timeout_s)
+        self.dim = self._embed_raw([DIM_PROBE_TEXT]).shape[1]
+
+    @property
+    def url(self) -> str:
+        """The Ollama server this embedder talks to."""
+        return self._conn.url
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Return float32 embeddings of shape ``(len(texts), dim)`` with unit-length rows."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._embed_raw(texts)
+        if vectors.shape != (len(texts), self.dim):
+            raise BackendError(
+                f"Ollama at {self.url} returned embeddings of shape {vectors.shape} for "
+                f"{len(texts)} texts from model '{self.model_name}'; expected dim {self.dim}"
+            )
+        return _normalise_rows(vectors)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._conn.client.close()
+
+    def _embed_raw(self, texts: list[str]) -> np.ndarray:
+        response = self._conn.call(
+            self.model_name, lambda: self._conn.client.embed(model=self.model_name, input=texts)
+        )
+        vectors = np.asarray(response.embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(texts) or vectors.shape[1] == 0:
+            raise BackendError(
+                f"Ollama at {self.url} returned no usable embeddings from model "
+                f"'{self.model_name}' (shape {vectors.shape}); is it an embedding model?"
+            )
+        return vectors
+
+
+def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    # An all-zero row stays zero rather than becoming NaN.
+    return (vectors / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,419 @@
+"""RabbitMQ on pika: connections with bounded reconnects, a confirming publisher, a consumer.
+
+Threading follows pika's rule of one connection per thread, with one exception made safe by a
+lock: the :class:`Publisher` serialises every use of its connection, so a worker thread and a
+heartbeat tick may share it. The :class:`Consumer` keeps its connection on the thread that calls
+:meth:`Consumer.run` (so heartbeats keep flowing while a lesson takes minutes) and hands deliveries
+to one worker thread; the worker's ack travels back through ``add_callback_threadsafe``.
+
+pika exceptions never leave this module: they become :class:`shared.errors.BrokerError` kinds.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from shared.config import BrokerConfig
+from shared.errors import (
+    BrokerError,
+    ConnectionClosed,
+    DecodeError,
+    DistillSwarmError,
+    PublishNotConfirmed,
+)
+from shared.topology import ORIGIN_QUEUE_HEADER, REASON_HEADER, Topology
+
+log = logging.getLogger(__name__)
+
+# How long the consumer's I/O loop sleeps between checks of the stop flag and the worker.
+POLL_INTERVAL_S = 0.2
+# A publish that fails on a dead connection is retried on a new one this many times.
+MAX_PUBLISH_ATTEMPTS = 5
+CONTENT_TYPE = "application/json"
+
+_CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, ConnectionError)
+_CHANNEL_ERRORS = (pex.AMQPChannelError, pex.ChannelWrongStateError)
+
+
+def backoff_delays(max_backoff_s: float, base_s: float = 0.5) -> Iterator[float]:
+    """Exponential backoff with full jitter, capped at ``max_backoff_s`` (an endless iterator)."""
+    attempt = 0
+    while True:
+        cap = min(max_backoff_s, base_s * (2**attempt))
+        yield random.uniform(cap / 2, cap)
+        attempt += 1
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, safe to log."""
+    params = pika.URLParameters(url)
+    creds = params.credentials
+    if isinstance(creds, pika.PlainCredentials) and creds.password:
+        return url.replace(f":{creds.password}@", ":***@")
+    return url
+
+
+def connect(config: BrokerConfig, stop: threading.Event | None = None) -> BlockingConnection:
+    """Open a connection, retrying with bounded backoff; raise ConnectionClosed after the last try.
+
+    Authentication failures are not retried: a wrong password does not get better with time.
+    """
+    params = pika.URLParameters(config.url)
+    params.heartbeat = config.heartbeat_s
+    params.blocked_connection_timeout = 300
+    params.connection_attempts = 1
+    delays = backoff_delays(config.max_backoff_s)
+    last_error: Exception | None = None
+    for attempt in range(1, config.connect_attempts + 1):
+        if stop is not None and stop.is_set():
+            break
+        try:
+            return pika.BlockingConnection(params)
+        except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError) as exc:
+            raise BrokerError(
+                f"RabbitMQ at {redact(config.url)} refused the credentials: {exc!r}"
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            last_error = exc
+            if attempt < config.connect_attempts:
+                delay = next(delays)
+                log.warning(
+                    "cannot reach RabbitMQ at %s (attempt %d/%d): %r; retrying in %.1fs",
+                    redact(config.url), attempt, config.connect_attempts, exc, delay,
+                )
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
+    raise ConnectionClosed(
+        f"cannot reach RabbitMQ at {redact(config.url)} after {config.connect_attempts} "
+        f"attempts: {last_error!r}"
+    )
+
+
+def properties(
+    message_id: str, headers: Mapping[str, Any] | None = None, **extra: Any
+) -> pika.BasicProperties:
+    """Persistent JSON message properties."""
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=message_id,
+        headers=dict(headers or {}),
+        timestamp=int(time.time()),
+        **extra,
+    )
+
+
+class Publisher:
+    """Publishes persistent messages with publisher confirms, reconnecting when needed.
+
+    ``publish`` returns only after the broker confirmed the message, so a caller that acks its
+    own input afterwards never loses what it produced.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        declare: Callable[[BlockingChannel], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._config = config
+        self._declare = declare
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+
+    def _ensure_channel(self) -> BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self._drop()
+        self._connection = connect(self._config, self._stop)
+        channel = self._connection.channel()
+        channel.confirm_delivery()
+        if self._declare is not None:
+            self._declare(channel)
+        self._channel = channel
+        return channel
+
+    def _drop(self) -> None:
+        # Forget the channel and the connection so that the next attempt opens new ones of each.
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
+                pass
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        headers: Mapping[str, Any] | None = None,
+        mandatory: bool = True,
+        **props: Any,
+    ) -> None:
+        """Publish and wait for the broker's confirm; retry on a fresh connection if it drops.
+
+        Raises PublishNotConfirmed when the broker nacks or (with ``mandatory``) no queue is bound,
+        and ConnectionClosed when every attempt failed.
+        """
+        last_error: Exception | None = None
+        with self._lock:
+            for _ in range(MAX_PUBLISH_ATTEMPTS):
+                try:
+                    channel = self._ensure_channel()
+                    channel.basic_publish(
+                        exchange, routing_key, body,
+                        properties(message_id, headers, **props), mandatory=mandatory,
+                    )
+                    return
+                except pex.UnroutableError:
+                    raise PublishNotConfirmed(
+                        f"no queue is bound to exchange '{exchange}' with key '{routing_key}'"
+                    ) from None
+                except pex.NackError:
+                    raise PublishNotConfirmed(
+                        f"broker refused message {message_id} on exchange '{exchange}'"
+                    ) from None
+                except (*_CONNECTION_ERRORS, *_CHANNEL_ERRORS) as exc:
+                    last_error = exc
+                    log.warning("publish to %s failed (%r); reconnecting", exchange, exc)
+                    self._drop()
+        raise ConnectionClosed(f"could not publish to '{exchange}': {last_error!r}")
+
+    def pump(self) -> None:
+        """Let the idle connection answer heartbeats; a dead connection is dropped quietly."""
+        with self._lock:
+            if self._connection is None:
+                return
+            try:
+                self._connection.process_data_events(0)
+            except (*_CONNECTION_ERRORS, *_CHANNEL_ERRORS):
+                self._drop()
+
+    def close(self) -> None:
+        """Close the connection, if any."""
+        with self._lock:
+            self._drop()
+
+
+@dataclass
+class Delivery:
+    """One message handed to a handler."""
+
+    queue: str
+    body: bytes
+    message_id: str | None
+    headers: dict[str, Any]
+    redelivered: bool
+    delivery_tag: int
+    generation: int
+    properties: pika.BasicProperties = field(repr=False)
+
+
+class Requeue(DistillSwarmError):
+    """Raised by a handler that could not do its work now but may later (e.g. Ollama down)."""
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Consumer:
+    """Consumes one or more queues with manual acks; one worker thread runs the handler.
+
+    The handler's outcome decides the message's fate:
+    - returns normally: ack (the handler made its work durable first);
+    - raises :class:`DecodeError`: the message is published to the dead-letter exchange with the
+      reason in a header, then acked; the consumer keeps going;
+    - raises :class:`Requeue` (or a broker/backend error): nack with requeue after a backoff;
+    - raises anything else: requeued once; if it fails again on redelivery it is dead-lettered,
+      so one poison message cannot make a crash loop.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        topology: Topology,
+        queues: list[str],
+        handler: Handler,
+        declare: Callable[[BlockingChannel], None],
+        on_tick: Callable[[], None] | None = None,
+        tick_interval_s: float = 5.0,
+        on_dead_letter: Callable[[Delivery, str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._topology = topology
+        self._queues = queues
+        self._handler = handler
+        self._declare = declare
+        self._on_tick = on_tick
+        self._tick_interval_s = tick_interval_s
+        self._on_dead_letter = on_dead_letter
+        self._work: queue.Queue[Delivery | None] = queue.Queue()
+        self._generation = 0
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._requeue_delays = backoff_delays(config.max_backoff_s)
+        self.connected = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set, reconnecting with backoff when the broker goes away.
+
+        Raises ConnectionClosed if the broker stays unreachable for every connect attempt.
+        """
+        worker = threading.Thread(target=self._work_loop, name="consumer-worker", daemon=True)
+        worker.start()
+        try:
+            while not stop.is_set():
+                try:
+                    self._consume_until_closed(stop)
+                except _CONNECTION_ERRORS + _CHANNEL_ERRORS as exc:
+                    self.connected.clear()
+                    self._generation += 1  # deliveries of the old channel can no longer be acked
+                    log.warning("lost the broker connection (%r); reconnecting", exc)
+        finally:
+            self.connected.clear()
+            self._work.put(None)
+            worker.join(timeout=60)
+            self._close()
+
+    def _consume_until_closed(self, stop: threading.Event) -> None:
+        self._close()
+        self._connection = connect(self._config, stop)
+        channel = self._connection.channel()
+        channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
+        self._declare(channel)
+        channel.basic_qos(prefetch_count=self._config.prefetch)
+        for name in self._queues:
+            channel.basic_consume(name, functools.partial(self._on_message, name), auto_ack=False)
+        self._channel = channel
+        self.connected.set()
+        log.info("consuming %s", ", ".join(self._queues))
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            self._connection.process_data_events(time_limit=POLL_INTERVAL_S)
+            if self._on_tick is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self._tick_interval_s
+                self._on_tick()
+
+    def _close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - the connection may already be half dead
+                pass
+
+    def _on_message(
+        self,
+        queue_name: str,
+        channel: BlockingChannel,
+        method: Any,
+        props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._work.put(
+            Delivery(
+                queue=queue_name,
+                body=body,
+                message_id=props.message_id,
+                headers=dict(props.headers or {}),
+                redelivered=bool(method.redelivered),
+                delivery_tag=method.delivery_tag,
+                generation=self._generation,
+                properties=props,
+            )
+        )
+
+    def _work_loop(self) -> None:
+        while (delivery := self._work.get()) is not None:
+            if delivery.generation != self._generation:
+                continue  # from a closed channel: the broker redelivers it
+            outcome = self._run_handler(delivery)
+            self._schedule(lambda d=delivery, o=outcome: self._settle(d, o))
+
+    def _run_handler(self, delivery: Delivery) -> tuple[str, str]:
+        try:
+            self._handler(delivery)
+            return ("ack", "")
+        except DecodeError as exc:
+            return ("dead", str(exc))
+        except (Requeue, BrokerError) as exc:
+            log.warning("message %s requeued: %s", delivery.message_id, exc)
+            time.sleep(next(self._requeue_delays))
+            return ("requeue", str(exc))
+        except DistillSwarmError as exc:
+            return self._poison_or_retry(delivery, exc)
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the consumer
+            log.exception("handler failed on message %s", delivery.message_id)
+            return self._poison_or_retry(delivery, exc)
+
+    def _poison_or_retry(self, delivery: Delivery, exc: Exception) -> tuple[str, str]:
+        reason = f"handler failed: {type(exc).__name__}: {exc}"
+        return ("dead", reason) if delivery.redelivered else ("requeue", reason)
+
+    def _schedule(self, callback: Callable[[], None]) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            connection.add_callback_threadsafe(callback)
+        except _CONNECTION_ERRORS:
+            pass  # the connection died meanwhile; the broker will redeliver
+
+    def _settle(self, delivery: Delivery, outcome: tuple[str, str]) -> None:
+        """Runs on the I/O thread: ack, requeue or dead-letter one delivery."""
+        channel = self._channel
+        if channel is None or not channel.is_open or delivery.generation != self._generation:
+            return
+        action, reason = outcome
+        if action == "ack":
+            channel.basic_ack(delivery.delivery_tag)
+        elif action == "requeue":
+            channel.basic_nack(delivery.delivery_tag, requeue=True)
+        else:
+            self._dead_letter(channel, delivery, reason)
+
+    def _dead_letter(self, channel: BlockingChannel, delivery: Delivery, reason: str) -> None:
+        log.warning(
+            "dead-lettering message %s from %s: %s", delivery.message_id, delivery.queue, reason
+        )
+        headers = {**delivery.headers, REASON_HEADER: reason[:1000], ORIGIN_QUEUE_HEADER: delivery.queue}
+        try:
+            channel.basic_publish(
+                self._topology.dead_exchange, "", delivery.body,
+                properties(delivery.message_id or "", headers),
+            )
+        except (pex.UnroutableError, pex.NackError):
+            # Let RabbitMQ's own DLX take it (no reason header, but nothing is lost).
+            channel.basic_nack(delivery.delivery_tag, requeue=False)
+            return
+        channel.basic_ack(delivery.delivery_tag)
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(delivery, reason)
+
+
+def purge(config: BrokerConfig, queue_name: str) -> int:
+    """Empty a queue; returns how many messages were dropped."""
+    connection = connect(config)
+    try:
+        result = connection.channel().queue_purge(queue_name)
+        return int(result.method.message_count)
+    finally:
+        connection.close()

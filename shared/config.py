@@ -1,0 +1,175 @@
+"""Configuration: one file (TOML or YAML) plus environment overrides, validated by pydantic.
+
+Precedence, lowest to highest: built-in defaults, the config file, environment variables, CLI
+options. Environment variables name a field by its path with ``__`` between parts and the prefix
+``DISTILL_SWARM__``: ``DISTILL_SWARM__PUPIL__NODE_ID=pi-7`` sets ``pupil.node_id``. ``AMQP_URL``
+is also honoured for ``broker.url`` because every RabbitMQ tool knows it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "DISTILL_SWARM__"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Section):
+    """How to reach RabbitMQ and how the topology is named."""
+
+    url: str = DEFAULT_AMQP_URL
+    # Prefix of every exchange and queue name; lets several swarms (or test runs) share a broker.
+    namespace: str = Field(default="swarm", pattern=r"^[a-z][a-z0-9_-]{0,30}$")
+    heartbeat_s: int = Field(default=60, ge=0, le=3600)
+    prefetch: int = Field(default=1, ge=1, le=1000)
+    connect_attempts: int = Field(default=8, ge=1, le=1000)
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    quorum_queues: bool = True
+
+
+class GeneratorConfig(_Section):
+    """A text-generation backend and its decoding settings."""
+
+    kind: Literal["ollama", "embedded"] = "embedded"
+    model: str = "gemma3-270m"
+    url: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    template: str = "pupil.j2"
+    system: str | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=96, ge=1, le=8192)
+    seed: int | None = 0
+    # CPU threads for an embedded model (None: every core). Ollama manages its own.
+    threads: int | None = Field(default=None, ge=1, le=256)
+
+
+class EmbedderConfig(_Section):
+    """An embedding backend. Master and pupils must use the same model."""
+
+    kind: Literal["ollama", "embedded"] = "embedded"
+    model: str = "all-minilm-l6-v2"
+    url: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class AdapterConfig(_Section):
+    """The on-device adapter and how it trains."""
+
+    hidden_dim: int = Field(default=256, ge=1, le=16384)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    steps_per_lesson: int = Field(default=8, ge=1, le=10_000)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    buffer_capacity: int = Field(default=512, ge=1, le=1_000_000)
+    seed: int = 0
+    # Bridge mode: lessons embedded by another model (the seed's 1024 -> 1024 or any other pair).
+    # Left unset, a node accepts only lessons embedded with its own embedding model.
+    reference_model: str | None = None
+    reference_dim: int | None = Field(default=None, ge=1, le=8192)
+
+
+class MasterConfig(_Section):
+    """The master service."""
+
+    prompts: Path | None = None
+    store: Path = Path("distill-swarm-master.sqlite3")
+    eval_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    split_seed: int = 0
+    # Lessons fan out only to queues that exist, so wait for this many pupils before publishing.
+    expect_nodes: int = Field(default=0, ge=0)
+    expect_nodes_timeout_s: float = Field(default=300.0, gt=0)
+    generator: GeneratorConfig = GeneratorConfig(template="master.j2")
+    embedder: EmbedderConfig = EmbedderConfig()
+
+
+class PupilConfig(_Section):
+    """One pupil node."""
+
+    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    state_dir: Path = Path("distill-swarm-pupil")
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    generator: GeneratorConfig = GeneratorConfig(temperature=0.8)
+    embedder: EmbedderConfig = EmbedderConfig()
+    adapter: AdapterConfig = AdapterConfig()
+
+
+class Settings(_Section):
+    """The whole configuration of a master or a pupil."""
+
+    broker: BrokerConfig = BrokerConfig()
+    master: MasterConfig = MasterConfig()
+    pupil: PupilConfig = PupilConfig()
+
+
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults, ``path``, the environment and ``overrides``.
+
+    ``overrides`` uses dotted keys (``{"pupil.node_id": "pi-7"}``); ``None`` values are ignored so
+    CLI options that were not given do not clobber the file. Raises :class:`ConfigError` with a
+    one-line message naming the offending field.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = _read_file(path) if path is not None else {}
+    if env.get("AMQP_URL"):
+        _set_path(data, "broker.url", env["AMQP_URL"])
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_path(data, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, dotted, value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"config field '{where}'{source}: {err['msg']}") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid: {first_line}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config field '{dotted}': '{part}' is not a section")
+        node = child
+    node[leaf] = value

@@ -1,0 +1,55 @@
+"""The project's own exceptions.
+
+Library exceptions (pika, ollama, httpx, llama.cpp, safetensors) are translated into these at the
+boundary, so callers handle one hierarchy and every message a user sees says what was wrong and
+what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class DistillSwarmError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(DistillSwarmError):
+    """A configuration file, environment variable or CLI option is invalid."""
+
+
+class DecodeError(DistillSwarmError):
+    """A message on the wire could not be decoded or failed validation.
+
+    The consumer dead-letters such a message with ``str(error)`` as the reason and moves on.
+    """
+
+
+class EmbeddingMismatch(DecodeError):
+    """A lesson's embedding was made by another model or has another dimension than ours."""
+
+
+class BrokerError(DistillSwarmError):
+    """Talking to RabbitMQ failed."""
+
+
+class ConnectionClosed(BrokerError):
+    """The broker connection is gone; the caller may reconnect."""
+
+
+class PublishNotConfirmed(BrokerError):
+    """The broker did not confirm a publish (nacked or unroutable)."""
+
+
+class BackendError(DistillSwarmError):
+    """A text-generation or embedding backend failed."""
+
+
+class BackendUnreachable(BackendError):
+    """The model server (e.g. Ollama) did not answer at its URL."""
+
+
+class ModelNotFound(BackendError):
+    """The model server answered but does not have the requested model."""
+
+
+class CheckpointError(DistillSwarmError):
+    """An adapter checkpoint is missing, corrupt, or does not fit the adapter."""

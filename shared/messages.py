@@ -1,0 +1,252 @@
+"""Wire messages: pydantic v2 models with one encode/decode path.
+
+Every message carries ``schema_version``, a unique id and a UTC timestamp. Embeddings travel as
+lists of float32 values together with the name of the model that made them and their dimension,
+so a receiver can refuse a vector from another embedding space instead of training on garbage.
+
+``encode(message) -> bytes`` and ``decode(body, expected_type) -> message`` are the only way
+messages cross the wire; any failure while decoding becomes :class:`shared.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared.errors import DecodeError
+
+SCHEMA_VERSION = 1
+
+# Bounds that keep one message from hurting a node: a 270M model on a Pi cannot use a 100 kB prompt,
+# and a multi-megabyte JSON body is more likely an attack or a bug than a lesson.
+MAX_PROMPT_CHARS = 16_000
+MAX_ANSWER_CHARS = 32_000
+MAX_EMBEDDING_DIM = 8_192
+MAX_MESSAGE_BYTES = 1_000_000
+
+NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+Split = Literal["train", "eval"]
+
+
+def new_id() -> str:
+    """A fresh random message id (hex UUID4)."""
+    return uuid.uuid4().hex
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Fields every message shares. Subclasses set ``kind``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: ClassVar[str]
+    schema_version: int = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    created_at: datetime = Field(default_factory=utc_now)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"unknown schema_version {value}; this node speaks {SCHEMA_VERSION}")
+        return value
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("created_at must carry a timezone (UTC)")
+        return value.astimezone(UTC)
+
+
+class Embedding(BaseModel):
+    """A float32 vector with the model that made it. Equality of model and dim is checked by users."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    dim: int = Field(gt=0, le=MAX_EMBEDDING_DIM)
+    values: list[float]
+
+    @model_validator(mode="after")
+    def _check(self) -> Embedding:
+        if len(self.values) != self.dim:
+            raise ValueError(f"embedding has {len(self.values)} values but dim says {self.dim}")
+        if not all(math.isfinite(v) for v in self.values):
+            raise ValueError("embedding contains NaN or infinity")
+        return self
+
+    @classmethod
+    def from_array(cls, model: str, vector: np.ndarray) -> Embedding:
+        """Build from a 1-D numpy vector; values are rounded to float32 precision."""
+        flat = np.asarray(vector, dtype=np.float32).reshape(-1)
+        return cls(model=model, dim=int(flat.shape[0]), values=flat.tolist())
+
+    def to_array(self) -> np.ndarray:
+        """The vector as float32 numpy."""
+        return np.asarray(self.values, dtype=np.float32)
+
+
+class Lesson(Message):
+    """A prompt with the master's answer and its embedding, fanned out to every pupil."""
+
+    kind: ClassVar[str] = "lesson"
+    lesson_id: str = Field(min_length=1, max_length=64)
+    task: str = Field(min_length=1, max_length=64)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # The un-rendered goal lets a pupil render it with its own template.
+    goal_text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    preferences: list[str] = Field(default_factory=list, max_length=32)
+    instructions: list[str] = Field(default_factory=list, max_length=32)
+    master_model: str = Field(min_length=1, max_length=200)
+    master_answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
+    reference: Embedding
+    split: Split
+
+
+class Timings(BaseModel):
+    """Wall-clock milliseconds a pupil spent on each part of a lesson."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generate_ms: float = Field(ge=0, default=0.0)
+    embed_ms: float = Field(ge=0, default=0.0)
+    train_ms: float = Field(ge=0, default=0.0)
+
+
+class Report(Message):
+    """What a pupil did with one lesson. ``error`` is set instead of figures when it failed."""
+
+    kind: ClassVar[str] = "report"
+    lesson_id: str = Field(min_length=1, max_length=64)
+    node_id: NodeId
+    split: Split
+    pupil_model: str = Field(min_length=1, max_length=200)
+    pupil_answer: str = Field(default="", max_length=MAX_ANSWER_CHARS)
+    similarity_before: float | None = Field(default=None, ge=-1.0001, le=1.0001)
+    similarity_adapted: float | None = Field(default=None, ge=-1.0001, le=1.0001)
+    similarity_guided: float | None = Field(default=None, ge=-1.0001, le=1.0001)
+    losses: list[float] = Field(default_factory=list, max_length=10_000)
+    timings: Timings = Field(default_factory=Timings)
+    adapter_version: int = Field(ge=0, default=0)
+    trained: bool = False
+    error: str | None = Field(default=None, max_length=2_000)
+
+    @field_validator("losses")
+    @classmethod
+    def _finite_losses(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError("losses contain NaN or infinity")
+        return value
+
+    @model_validator(mode="after")
+    def _eval_is_never_trained(self) -> Report:
+        if self.split == "eval" and self.trained:
+            raise ValueError("an eval lesson must never be trained on")
+        return self
+
+
+class NodeInfo(BaseModel):
+    """What a pupil says about itself in hello and heartbeat messages."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node_id: NodeId
+    software_version: str = Field(max_length=64)
+    pupil_model: str = Field(max_length=200)
+    embedding_model: str = Field(max_length=200)
+    embedding_dim: int = Field(gt=0, le=MAX_EMBEDDING_DIM)
+    hardware: str = Field(default="", max_length=500)
+    adapter_version: int = Field(ge=0, default=0)
+    lessons_done: int = Field(ge=0, default=0)
+
+
+class Hello(Message):
+    """Sent by a pupil when it starts."""
+
+    kind: ClassVar[str] = "hello"
+    node: NodeInfo
+
+
+class Heartbeat(Message):
+    """Sent by a pupil periodically while it runs."""
+
+    kind: ClassVar[str] = "heartbeat"
+    node: NodeInfo
+
+
+class Goodbye(Message):
+    """Sent by a pupil when it stops cleanly."""
+
+    kind: ClassVar[str] = "goodbye"
+    node: NodeInfo
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Lesson, Report, Hello, Heartbeat, Goodbye)
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to UTF-8 JSON with its ``kind`` as the envelope tag."""
+    payload = message.model_dump(mode="json")
+    payload["kind"] = message.kind
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(body: bytes, expected: type[M] | None = None) -> M | Message:
+    """Parse ``body``; raise :class:`DecodeError` with a one-line reason on any failure.
+
+    With ``expected`` set, a message of another kind is rejected too.
+    """
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"message is {len(body)} bytes, over the {MAX_MESSAGE_BYTES} limit")
+    try:
+        raw: Any = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError(f"expected a JSON object, got {type(raw).__name__}")
+    kind = raw.pop("kind", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise DecodeError(f"unknown message kind {kind!r}")
+    if expected is not None and cls is not expected:
+        raise DecodeError(f"expected a {expected.kind} message, got {kind!r}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise DecodeError(_summarise(exc)) from None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _summarise(exc: ValidationError) -> str:
+    """One line naming each failing field, e.g. ``reference.values: embedding contains NaN``."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        parts.append(f"{where}: {err['msg']}")
+    more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return "invalid message: " + "; ".join(parts) + more

@@ -1,0 +1,131 @@
+"""The RabbitMQ topology of DESIGN.md, in one place.
+
+Every name is prefixed by the configured namespace (``swarm`` by default), so ``Topology("swarm")``
+gives ``swarm.lessons``, ``swarm.pupil.<node>`` and so on. Declaring is idempotent: the same
+arguments every time, so a second declaration is a no-op and a changed one fails loudly
+(PRECONDITION_FAILED) instead of silently running with two different queue types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pika.adapters.blocking_connection import BlockingChannel
+
+# Header carrying why a message was dead-lettered by us (RabbitMQ's own x-death says only
+# "rejected", which tells an operator nothing).
+REASON_HEADER = "x-distill-swarm-reason"
+ORIGIN_QUEUE_HEADER = "x-distill-swarm-queue"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and declarations of every exchange and queue of one swarm."""
+
+    namespace: str = "swarm"
+    quorum_queues: bool = True
+
+    @property
+    def lessons_exchange(self) -> str:
+        return f"{self.namespace}.lessons"
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.namespace}.jobs"
+
+    @property
+    def reports_exchange(self) -> str:
+        return f"{self.namespace}.reports"
+
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.namespace}.control"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def reports_queue(self) -> str:
+        return f"{self.namespace}.master.reports"
+
+    @property
+    def control_queue(self) -> str:
+        return f"{self.namespace}.master.control"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.namespace}.dead"
+
+    # Routing key of reports on the direct reports exchange.
+    REPORT_KEY = "report"
+
+    def pupil_queue(self, node_id: str) -> str:
+        """The queue one pupil consumes its lessons from."""
+        return f"{self.namespace}.pupil.{node_id}"
+
+    def control_key(self, kind: str, node_id: str) -> str:
+        """Routing key of a control message, e.g. ``heartbeat.pi-7``."""
+        return f"{kind}.{node_id}"
+
+    def _queue_args(self, quorum: bool) -> dict[str, Any]:
+        args: dict[str, Any] = {"x-dead-letter-exchange": self.dead_exchange}
+        if quorum and self.quorum_queues:
+            args["x-queue-type"] = "quorum"
+        return args
+
+    def declare_exchanges(self, channel: BlockingChannel) -> None:
+        """Declare the five exchanges (durable)."""
+        for name, kind in (
+            (self.lessons_exchange, "fanout"),
+            (self.jobs_exchange, "direct"),
+            (self.reports_exchange, "direct"),
+            (self.control_exchange, "topic"),
+            (self.dead_exchange, "fanout"),
+        ):
+            channel.exchange_declare(name, exchange_type=kind, durable=True)
+        # The dead-letter queue itself has no DLX: a message that fails there stays there.
+        channel.queue_declare(self.dead_queue, durable=True)
+        channel.queue_bind(self.dead_queue, self.dead_exchange)
+
+    def declare_master(self, channel: BlockingChannel) -> None:
+        """Declare everything the master consumes: reports and control queues."""
+        self.declare_exchanges(channel)
+        channel.queue_declare(self.reports_queue, durable=True, arguments=self._queue_args(True))
+        channel.queue_bind(self.reports_queue, self.reports_exchange, routing_key=self.REPORT_KEY)
+        channel.queue_declare(self.control_queue, durable=True, arguments=self._queue_args(True))
+        channel.queue_bind(self.control_queue, self.control_exchange, routing_key="#")
+
+    def declare_pupil(self, channel: BlockingChannel, node_id: str) -> str:
+        """Declare one pupil's lesson queue bound to the lessons fanout; returns its name.
+
+        Classic queue on purpose: a pupil queue has one consumer and one replica is enough;
+        the master's queues, shared by the whole swarm, are the ones worth replicating.
+        """
+        self.declare_exchanges(channel)
+        queue = self.pupil_queue(node_id)
+        channel.queue_declare(queue, durable=True, arguments=self._queue_args(False))
+        channel.queue_bind(queue, self.lessons_exchange)
+        return queue
+
+    def declare_all(self, channel: BlockingChannel, node_ids: tuple[str, ...] = ()) -> None:
+        """Declare the master's side and, if given, the lesson queues of known pupils."""
+        self.declare_master(channel)
+        for node_id in node_ids:
+            self.declare_pupil(channel, node_id)
+
+    def delete_all(self, channel: BlockingChannel, node_ids: tuple[str, ...] = ()) -> None:
+        """Remove every exchange and queue of this namespace (tests and `demo` clean-up)."""
+        queues = [self.reports_queue, self.control_queue, self.dead_queue]
+        queues += [self.pupil_queue(n) for n in node_ids]
+        for queue in queues:
+            channel.queue_delete(queue)
+        for exchange in (
+            self.lessons_exchange,
+            self.jobs_exchange,
+            self.reports_exchange,
+            self.control_exchange,
+            self.dead_exchange,
+        ):
+            channel.exchange_delete(exchange)

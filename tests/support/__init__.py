@@ -1,0 +1,1 @@
+"""Helpers for the tests: stand-in servers and fixtures shared across test directories."""
