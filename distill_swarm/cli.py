@@ -19,6 +19,8 @@ app = typer.Typer(
     help="Teach small edge models to answer like a large one, over RabbitMQ.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain click errors: a bad option is explained on one `Error: ...` line, no box drawing.
+    rich_markup_mode=None,
 )
 
 
@@ -38,7 +40,8 @@ def demo(
     nodes: Annotated[int, typer.Option(min=1, max=8, help="How many pupil processes.")] = 2,
     prompts: Annotated[Path, typer.Option(help="Prompt set to teach from.")] = BUNDLED_PROMPTS,
     workdir: Annotated[
-        Path | None, typer.Option(help="Where logs, store and checkpoints go (default: a temp dir).")
+        Path | None,
+        typer.Option(help="Where logs, store and checkpoints go (default: a temp dir)."),
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=8, max=1024, help="Answer length cap.")] = 64,
     timeout_s: Annotated[float, typer.Option(min=10, help="Give up after this long.")] = 1200,

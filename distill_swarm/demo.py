@@ -8,9 +8,11 @@ sample at temperature 0.8. That gap is what the pupils' adapters learn.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,11 +28,12 @@ from master.status import format_table
 from master.store import Store
 from shared.broker import connect
 from shared.config import BrokerConfig, load_settings
-from shared.errors import BrokerError, DistillSwarmError
+from shared.errors import BrokerError
 from shared.topology import Topology
 
 BUNDLED_PROMPTS = Path(__file__).resolve().parent.parent / "master" / "prompt_sets" / "demo.jsonl"
 POLL_S = 0.5
+GOODBYE_WAIT_S = 10.0
 
 
 def demo_config(broker_url: str, namespace: str, max_tokens: int) -> str:
@@ -86,9 +89,7 @@ def broker_reachable(url: str) -> bool:
     return port_open(params.host, params.port)
 
 
-def run_demo(
-    nodes: int, prompts: Path, workdir: Path, max_tokens: int, timeout_s: float
-) -> int:
+def run_demo(nodes: int, prompts: Path, workdir: Path, max_tokens: int, timeout_s: float) -> int:
     """Run the whole demo; returns a process exit code."""
     load_prompts(prompts)  # fail fast, with the field named, before starting anything
     settings = load_settings()
@@ -112,7 +113,9 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env.pop("AMQP_URL", None)  # the config file names the broker
     log = log_path.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "distill_swarm", *args], stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "distill_swarm", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env=env,
     )
 
@@ -122,62 +125,79 @@ def _run_processes(
 ) -> int:
     store_path = workdir / "master.sqlite3"
     store_path.unlink(missing_ok=True)
-    pupils = [
-        _spawn(
+    pupils = {
+        node: _spawn(
             ["pupil", "run", "--config", str(config), "--node-id", node,
              "--state-dir", str(workdir / node)],
             workdir / f"{node}.log",
         )
         for node in node_ids
-    ]
+    }  # fmt: skip
     master = _spawn(
         ["master", "run", "--config", str(config), "--prompts", str(prompts),
-         "--store", str(store_path), "--expect-nodes", str(len(node_ids)),
-         "--exit-when-done", "--timeout-s", str(timeout_s)],
+         "--store", str(store_path), "--expect-nodes", str(len(node_ids))],
         workdir / "master.log",
-    )
+    )  # fmt: skip
     print(f"master and {len(node_ids)} pupils started; logs in {workdir}", flush=True)
+    expected = len(load_prompts(prompts)) * len(node_ids)
     try:
-        code = _watch(master, pupils, store_path, len(load_prompts(prompts)) * len(node_ids))
+        problem = _watch(master, pupils, store_path, expected, timeout_s)
+        # Pupils first, so the master is still there to record their goodbyes.
+        _stop(list(pupils.values()))
+        _wait_for_goodbyes(master, store_path)
     finally:
-        for proc in [master, *pupils]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in [master, *pupils]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop([master, *pupils.values()])
     if store_path.is_file():
         print(format_table(Store(store_path).node_status()))
-    if code != 0:
-        print(f"master exited with code {code}; see {workdir / 'master.log'}", file=sys.stderr)
-    return code
+    if problem:
+        print(f"demo failed: {problem}; logs in {workdir}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _watch(
     master: subprocess.Popen[bytes],
-    pupils: list[subprocess.Popen[bytes]],
+    pupils: dict[str, subprocess.Popen[bytes]],
     store_path: Path,
     expected_reports: int,
-) -> int:
-    """Show a progress bar of reports received until the master exits."""
+    timeout_s: float,
+) -> str | None:
+    """Show a progress bar of reports until all are in; returns what went wrong, if anything."""
+    deadline = time.monotonic() + timeout_s
     with tqdm(total=expected_reports, desc="reports", unit="report") as bar:
-        while master.poll() is None:
-            dead = [p for p in pupils if p.poll() is not None]
-            if dead:
-                print(f"a pupil exited early (code {dead[0].returncode})", file=sys.stderr)
-                return 1
+        while bar.n < expected_reports:
+            if master.poll() is not None:
+                return f"the master exited early (code {master.returncode})"
+            for node, proc in pupils.items():
+                if proc.poll() is not None:
+                    return f"{node} exited early (code {proc.returncode})"
+            if time.monotonic() > deadline:
+                return f"not every report arrived within {timeout_s:.0f}s"
             if store_path.is_file():
-                try:
-                    done = Store(store_path).report_count()
-                    bar.update(done - bar.n)
-                except DistillSwarmError:
-                    pass
+                with contextlib.suppress(sqlite3.Error):
+                    bar.update(Store(store_path).report_count() - bar.n)
             time.sleep(POLL_S)
-        if store_path.is_file():
-            bar.update(Store(store_path).report_count() - bar.n)
-    return int(master.returncode)
+    return None
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in processes:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for_goodbyes(master: subprocess.Popen[bytes], store_path: Path) -> None:
+    deadline = time.monotonic() + GOODBYE_WAIT_S
+    while master.poll() is None and time.monotonic() < deadline:
+        if all(row.state == "offline" for row in Store(store_path).node_status()):
+            return
+        time.sleep(POLL_S)
 
 
 def _delete_topology(config: BrokerConfig, node_ids: tuple[str, ...]) -> None:

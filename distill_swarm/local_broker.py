@@ -89,7 +89,11 @@ class LocalBroker:
         ctl = self._server.with_name("rabbitmqctl")
         return subprocess.run(
             [str(ctl), "-n", self.node, *args],
-            env=self.env(), capture_output=True, text=True, timeout=timeout_s, check=False,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
 
     def start(self) -> None:
@@ -101,7 +105,10 @@ class LocalBroker:
         )
         log_file = (self._dir / "server.log").open("wb")
         self._process = subprocess.Popen(
-            [str(self._server)], env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
+            [str(self._server)],
+            env=self.env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -15,12 +15,12 @@ from master.store import Store
 from shared.backends import build_embedder, build_generator
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 
-app = typer.Typer(help="The master service: teach the swarm.", no_args_is_help=True)
+app = typer.Typer(
+    help="The master service: teach the swarm.", no_args_is_help=True, rich_markup_mode=None
+)
 log = logging.getLogger(__name__)
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")
-]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
 
 
 @app.command("run")
@@ -53,11 +53,16 @@ def run(
     with exit_on_errors():
         items = load_prompts(cfg.prompts)
         generator = build_generator(
-            cfg.generator.kind, cfg.generator.model, url=cfg.generator.url,
-            timeout_s=cfg.generator.timeout_s, n_threads=cfg.generator.threads,
+            cfg.generator.kind,
+            cfg.generator.model,
+            url=cfg.generator.url,
+            timeout_s=cfg.generator.timeout_s,
+            n_threads=cfg.generator.threads,
         )
         embedder = build_embedder(
-            cfg.embedder.kind, cfg.embedder.model, url=cfg.embedder.url,
+            cfg.embedder.kind,
+            cfg.embedder.model,
+            url=cfg.embedder.url,
             timeout_s=cfg.embedder.timeout_s,
         )
         service = MasterService(settings, generator, embedder, Store(cfg.store), items)

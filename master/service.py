@@ -63,11 +63,15 @@ class MasterService:
             if self.store.add_report(report):
                 log.info(
                     "report %s from %s: before=%s adapted=%s",
-                    report.lesson_id[:8], report.node_id,
-                    _fmt(report.similarity_before), _fmt(report.similarity_adapted),
+                    report.lesson_id[:8],
+                    report.node_id,
+                    _fmt(report.similarity_before),
+                    _fmt(report.similarity_adapted),
                 )
             else:
-                log.info("duplicate report %s from %s ignored", report.lesson_id[:8], report.node_id)
+                log.info(
+                    "duplicate report %s from %s ignored", report.lesson_id[:8], report.node_id
+                )
             return
         message = decode(delivery.body)
         if isinstance(message, Hello | Heartbeat):
@@ -116,7 +120,10 @@ class MasterService:
                 self.store.mark_published(lesson.lesson_id)
                 log.info(
                     "published lesson %d/%d (%s, %s)",
-                    seq + 1, len(self.prompts), lesson.lesson_id[:8], lesson.split,
+                    seq + 1,
+                    len(self.prompts),
+                    lesson.lesson_id[:8],
+                    lesson.split,
                 )
         finally:
             publisher.close()
@@ -142,7 +149,7 @@ class MasterService:
         def publish() -> None:
             try:
                 self.publish_lessons()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            except BaseException as exc:
                 self.failure = exc
                 self.stop.set()
 

@@ -8,8 +8,15 @@ from dataclasses import asdict
 from master.store import NodeStatus
 
 COLUMNS = (
-    ("node", 12), ("state", 7), ("last seen (UTC)", 19), ("lessons", 7), ("errors", 6),
-    ("loss", 7), ("eval n", 6), ("sim before", 10), ("sim adapted", 11),
+    ("node", 12),
+    ("state", 7),
+    ("last seen (UTC)", 19),
+    ("lessons", 7),
+    ("errors", 6),
+    ("loss", 7),
+    ("eval n", 6),
+    ("sim before", 10),
+    ("sim adapted", 11),
 )
 
 
@@ -23,9 +30,15 @@ def format_table(rows: list[NodeStatus]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         cells = [
-            r.node_id.ljust(12), r.state.ljust(7), r.last_seen[:19].replace("T", " "),
-            str(r.lessons_done).rjust(7), str(r.errors).rjust(6), _num(r.latest_loss, 7),
-            str(r.eval_lessons).rjust(6), _num(r.mean_before, 10), _num(r.mean_adapted, 11),
+            r.node_id.ljust(12),
+            r.state.ljust(7),
+            r.last_seen[:19].replace("T", " "),
+            str(r.lessons_done).rjust(7),
+            str(r.errors).rjust(6),
+            _num(r.latest_loss, 7),
+            str(r.eval_lessons).rjust(6),
+            _num(r.mean_before, 10),
+            _num(r.mean_adapted, 11),
         ]
         lines.append("  ".join(cells))
     if not rows:

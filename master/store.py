@@ -131,10 +131,14 @@ class Store:
 
     def cached_embedding(self, model: str, text: str) -> np.ndarray | None:
         """The cached embedding of ``text`` by ``model``, if any."""
-        row = self._db().execute(
-            "SELECT dim, vector FROM embeddings WHERE model=? AND text_sha256=?",
-            (model, text_hash(text)),
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT dim, vector FROM embeddings WHERE model=? AND text_sha256=?",
+                (model, text_hash(text)),
+            )
+            .fetchone()
+        )
         if row is None:
             return None
         return np.frombuffer(row["vector"], dtype=np.float32).reshape(row["dim"]).copy()
@@ -152,9 +156,11 @@ class Store:
 
     def get_lesson(self, lesson_id: str) -> tuple[Lesson, bool] | None:
         """The stored lesson and whether it was published, or None."""
-        row = self._db().execute(
-            "SELECT body, published_at FROM lessons WHERE lesson_id=?", (lesson_id,)
-        ).fetchone()
+        row = (
+            self._db()
+            .execute("SELECT body, published_at FROM lessons WHERE lesson_id=?", (lesson_id,))
+            .fetchone()
+        )
         if row is None:
             return None
         return Lesson.model_validate_json(row["body"]), row["published_at"] is not None
@@ -193,10 +199,18 @@ class Store:
                 "ON CONFLICT (lesson_id, node_id) DO UPDATE SET deliveries = deliveries + 1 "
                 "RETURNING deliveries",
                 (
-                    report.lesson_id, report.node_id, report.split,
-                    report.similarity_before, report.similarity_adapted,
-                    report.similarity_guided, final_loss, int(report.trained), report.error,
-                    report.adapter_version, report.model_dump_json(), _now(),
+                    report.lesson_id,
+                    report.node_id,
+                    report.split,
+                    report.similarity_before,
+                    report.similarity_adapted,
+                    report.similarity_guided,
+                    final_loss,
+                    int(report.trained),
+                    report.error,
+                    report.adapter_version,
+                    report.model_dump_json(),
+                    _now(),
                 ),
             )
             (deliveries,) = cursor.fetchone()
@@ -231,8 +245,7 @@ class Store:
         db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(i,) for i in lesson_ids])
         marks = ",".join("?" * len(node_ids))
         sql = (
-            "SELECT COUNT(*) FROM reports JOIN wanted USING (lesson_id) "
-            f"WHERE node_id IN ({marks})"
+            f"SELECT COUNT(*) FROM reports JOIN wanted USING (lesson_id) WHERE node_id IN ({marks})"
         )
         return int(db.execute(sql, node_ids).fetchone()[0])
 

@@ -49,13 +49,15 @@ class Teacher:
         )
 
     def lesson_for(self, item: PromptItem, seq: int) -> tuple[Lesson, bool]:
-        """The lesson for ``item`` (made now, or found in the store) and whether it was published."""
+        """The lesson for ``item`` (made now or found in the store) and if it was published."""
         prompt = self.render(item)
         lesson_id = lesson_id_for(item, self._generator.model_name, prompt)
         stored = self._store.get_lesson(lesson_id)
         if stored is not None:
             return stored
-        answer = self._generator.generate(prompt, self._params, system=self._config.generator.system)
+        answer = self._generator.generate(
+            prompt, self._params, system=self._config.generator.system
+        )
         if not answer.strip():
             answer = "(no answer)"  # an empty answer still teaches the pupil something: brevity
         lesson = Lesson(

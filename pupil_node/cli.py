@@ -13,7 +13,9 @@ from pupil_node.service import PupilService
 from shared.backends import build_embedder, build_generator
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 
-app = typer.Typer(help="A pupil node: learn from the master.", no_args_is_help=True)
+app = typer.Typer(
+    help="A pupil node: learn from the master.", no_args_is_help=True, rich_markup_mode=None
+)
 log = logging.getLogger(__name__)
 
 
@@ -38,16 +40,25 @@ def run(
         fail("no node id: give --node-id NAME or set pupil.node_id")
     with exit_on_errors():
         generator = build_generator(
-            cfg.generator.kind, cfg.generator.model, url=cfg.generator.url,
-            timeout_s=cfg.generator.timeout_s, n_threads=cfg.generator.threads,
+            cfg.generator.kind,
+            cfg.generator.model,
+            url=cfg.generator.url,
+            timeout_s=cfg.generator.timeout_s,
+            n_threads=cfg.generator.threads,
         )
         embedder = build_embedder(
-            cfg.embedder.kind, cfg.embedder.model, url=cfg.embedder.url,
+            cfg.embedder.kind,
+            cfg.embedder.model,
+            url=cfg.embedder.url,
             timeout_s=cfg.embedder.timeout_s,
         )
         node = PupilNode(cfg.node_id, cfg, generator, embedder)
         service = PupilService(settings, node)
         stop_on_signals(service.stop)
-        log.info("pupil %s: model %s, adapter v%d", cfg.node_id, generator.model_name,
-                 node.trainer.version)
+        log.info(
+            "pupil %s: model %s, adapter v%d",
+            cfg.node_id,
+            generator.model_name,
+            node.trainer.version,
+        )
         service.run()

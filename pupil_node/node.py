@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from pupil_node.journal import Journal
 from shared import __version__
 from shared.adapter import AdapterTrainer
 from shared.backends import Embedder, GenerationParams, TextGenerator
@@ -25,7 +26,6 @@ from shared.config import PupilConfig
 from shared.errors import EmbeddingMismatch
 from shared.messages import Lesson, NodeInfo, Report, Timings, decode, encode
 from shared.similarity import cosine
-from pupil_node.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,11 @@ class PupilNode:
                 started = time.perf_counter()
                 adapter = self.config.adapter
                 losses = self.trainer.learn(
-                    lesson.lesson_id, pupil_vec, master_vec,
-                    steps=adapter.steps_per_lesson, batch_size=adapter.batch_size,
+                    lesson.lesson_id,
+                    pupil_vec,
+                    master_vec,
+                    steps=adapter.steps_per_lesson,
+                    batch_size=adapter.batch_size,
                 )
                 save_checkpoint(self.trainer, self.checkpoint_path)
                 train_ms = _ms_since(started)
@@ -192,8 +195,10 @@ class PupilNode:
         self.journal.record(lesson.lesson_id, body)
         log.info(
             "lesson %s (%s): before=%s adapted=%.3f%s",
-            lesson.lesson_id[:8], lesson.split,
-            "-" if before is None else f"{before:.3f}", adapted,
+            lesson.lesson_id[:8],
+            lesson.split,
+            "-" if before is None else f"{before:.3f}",
+            adapted,
             f" loss={losses[-1]:.4f}" if losses else "",
         )
         return Outcome(lesson.lesson_id, body, replayed=False)
@@ -211,4 +216,3 @@ class PupilNode:
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0
-

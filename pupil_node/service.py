@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+from pika.adapters.blocking_connection import BlockingChannel
+
 from pupil_node.node import PupilNode
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
@@ -32,8 +34,8 @@ class PupilService:
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
         self._next_heartbeat = 0.0
 
-    def _declare(self, channel: object) -> None:
-        self.topology.declare_pupil(channel, self.node.node_id)  # type: ignore[arg-type]
+    def _declare(self, channel: BlockingChannel) -> None:
+        self.topology.declare_pupil(channel, self.node.node_id)
 
     def _control(self, message: Message) -> None:
         # Not mandatory: hello/heartbeat are soft state that the next heartbeat repeats, and a
@@ -41,7 +43,10 @@ class PupilService:
         # Reports, in contrast, are mandatory: an unroutable one leaves the lesson unacked.
         key = self.topology.control_key(message.kind, self.node.node_id)
         self.publisher.publish(
-            self.topology.control_exchange, key, encode(message), message.message_id,
+            self.topology.control_exchange,
+            key,
+            encode(message),
+            message.message_id,
             mandatory=False,
         )
 
@@ -71,7 +76,9 @@ class PupilService:
             error=reason[:2000],
         )
         self.publisher.publish(
-            self.topology.reports_exchange, self.topology.REPORT_KEY, encode(report),
+            self.topology.reports_exchange,
+            self.topology.REPORT_KEY,
+            encode(report),
             report.message_id,
         )
 
@@ -82,7 +89,7 @@ class PupilService:
             self._next_heartbeat = now + self.node.config.heartbeat_interval_s
             try:
                 self._control(Heartbeat(node=self.node.info()))
-            except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not stop lessons
+            except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
         else:
             self.publisher.pump()
@@ -105,7 +112,7 @@ class PupilService:
         finally:
             try:
                 self._control(Goodbye(node=self.node.info()))
-            except Exception as exc:  # noqa: BLE001 - best effort on the way out
+            except Exception as exc:
                 log.warning("goodbye not sent: %s", exc)
             self.publisher.close()
             self.node.close()

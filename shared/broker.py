@@ -11,6 +11,7 @@ pika exceptions never leave this module: they become :class:`shared.errors.Broke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -91,7 +92,11 @@ def connect(config: BrokerConfig, stop: threading.Event | None = None) -> Blocki
                 delay = next(delays)
                 log.warning(
                     "cannot reach RabbitMQ at %s (attempt %d/%d): %r; retrying in %.1fs",
-                    redact(config.url), attempt, config.connect_attempts, exc, delay,
+                    redact(config.url),
+                    attempt,
+                    config.connect_attempts,
+                    exc,
+                    delay,
                 )
                 if stop is not None:
                     stop.wait(delay)
@@ -101,6 +106,13 @@ def connect(config: BrokerConfig, stop: threading.Event | None = None) -> Blocki
         f"cannot reach RabbitMQ at {redact(config.url)} after {config.connect_attempts} "
         f"attempts: {last_error!r}"
     )
+
+
+def close_quietly(connection: BlockingConnection | None) -> None:
+    """Close a connection that may already be half dead, ignoring whatever that raises."""
+    if connection is not None and connection.is_open:
+        with contextlib.suppress(Exception):
+            connection.close()
 
 
 def properties(
@@ -127,7 +139,7 @@ class Publisher:
     def __init__(
         self,
         config: BrokerConfig,
-        declare: Callable[[BlockingChannel], None] | None = None,
+        declare: Callable[[BlockingChannel], object] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         self._config = config
@@ -152,11 +164,7 @@ class Publisher:
     def _drop(self) -> None:
         # Forget the channel and the connection so that the next attempt opens new ones of each.
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
-                pass
+        close_quietly(connection)
 
     def publish(
         self,
@@ -179,8 +187,11 @@ class Publisher:
                 try:
                     channel = self._ensure_channel()
                     channel.basic_publish(
-                        exchange, routing_key, body,
-                        properties(message_id, headers, **props), mandatory=mandatory,
+                        exchange,
+                        routing_key,
+                        body,
+                        properties(message_id, headers, **props),
+                        mandatory=mandatory,
                     )
                     return
                 except pex.UnroutableError:
@@ -252,7 +263,7 @@ class Consumer:
         topology: Topology,
         queues: list[str],
         handler: Handler,
-        declare: Callable[[BlockingChannel], None],
+        declare: Callable[[BlockingChannel], object],
         on_tick: Callable[[], None] | None = None,
         tick_interval_s: float = 5.0,
         on_dead_letter: Callable[[Delivery, str], None] | None = None,
@@ -314,11 +325,7 @@ class Consumer:
 
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception:  # noqa: BLE001 - the connection may already be half dead
-                pass
+        close_quietly(connection)
 
     def _on_message(
         self,
@@ -346,7 +353,7 @@ class Consumer:
             if delivery.generation != self._generation:
                 continue  # from a closed channel: the broker redelivers it
             outcome = self._run_handler(delivery)
-            self._schedule(lambda d=delivery, o=outcome: self._settle(d, o))
+            self._schedule(functools.partial(self._settle, delivery, outcome))
 
     def _run_handler(self, delivery: Delivery) -> tuple[str, str]:
         try:
@@ -360,7 +367,7 @@ class Consumer:
             return ("requeue", str(exc))
         except DistillSwarmError as exc:
             return self._poison_or_retry(delivery, exc)
-        except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the consumer
+        except Exception as exc:
             log.exception("handler failed on message %s", delivery.message_id)
             return self._poison_or_retry(delivery, exc)
 
@@ -372,10 +379,9 @@ class Consumer:
         connection = self._connection
         if connection is None:
             return
-        try:
+        # If the connection died meanwhile, the broker redelivers the message: nothing to do.
+        with contextlib.suppress(*_CONNECTION_ERRORS):
             connection.add_callback_threadsafe(callback)
-        except _CONNECTION_ERRORS:
-            pass  # the connection died meanwhile; the broker will redeliver
 
     def _settle(self, delivery: Delivery, outcome: tuple[str, str]) -> None:
         """Runs on the I/O thread: ack, requeue or dead-letter one delivery."""
@@ -394,10 +400,16 @@ class Consumer:
         log.warning(
             "dead-lettering message %s from %s: %s", delivery.message_id, delivery.queue, reason
         )
-        headers = {**delivery.headers, REASON_HEADER: reason[:1000], ORIGIN_QUEUE_HEADER: delivery.queue}
+        headers = {
+            **delivery.headers,
+            REASON_HEADER: reason[:1000],
+            ORIGIN_QUEUE_HEADER: delivery.queue,
+        }
         try:
             channel.basic_publish(
-                self._topology.dead_exchange, "", delivery.body,
+                self._topology.dead_exchange,
+                "",
+                delivery.body,
                 properties(delivery.message_id or "", headers),
             )
         except (pex.UnroutableError, pex.NackError):

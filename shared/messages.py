@@ -77,7 +77,7 @@ class Message(BaseModel):
 
 
 class Embedding(BaseModel):
-    """A float32 vector with the model that made it. Equality of model and dim is checked by users."""
+    """A float32 vector with the name of the model that made it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

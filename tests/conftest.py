@@ -29,7 +29,7 @@ def _docker_engine_answers() -> bool:
 
         docker.from_env(timeout=3).ping()
         return True
-    except Exception:  # noqa: BLE001 - any failure means "no engine"
+    except Exception:
         return False
 
 
@@ -39,7 +39,7 @@ def _reachable(url: str) -> str | None:
         connection = pika.BlockingConnection(pika.URLParameters(url))
         connection.close()
         return None
-    except Exception as exc:  # noqa: BLE001 - reported to the user as the skip/fail reason
+    except Exception as exc:
         return repr(exc)
 
 
@@ -72,9 +72,7 @@ def namespace() -> str:
 @pytest.fixture
 def broker_config(amqp_url: str, namespace: str) -> Iterator[BrokerConfig]:
     """Broker settings for one test; its exchanges and queues are deleted afterwards."""
-    config = BrokerConfig(
-        url=amqp_url, namespace=namespace, connect_attempts=3, max_backoff_s=1.0
-    )
+    config = BrokerConfig(url=amqp_url, namespace=namespace, connect_attempts=3, max_backoff_s=1.0)
     yield config
     try:
         connection = connect(config)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,20 +64,32 @@ class Swarm:
         log = (self.workdir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "distill_swarm", *args, "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.processes.append(proc)
         return proc
 
     def pupil(self, node: str) -> subprocess.Popen[bytes]:
-        return self.spawn(node, "pupil", "run", "--node-id", node,
-                          "--state-dir", str(self.workdir / node))
+        return self.spawn(
+            node, "pupil", "run", "--node-id", node, "--state-dir", str(self.workdir / node)
+        )
 
     def master(self) -> subprocess.Popen[bytes]:
         return self.spawn(
-            "master", "master", "run", "--prompts", str(PROMPTS), "--store", str(self.store),
-            "--expect-nodes", str(len(NODES)), "--exit-when-done",
-            "--timeout-s", str(RUN_TIMEOUT_S),
+            "master",
+            "master",
+            "run",
+            "--prompts",
+            str(PROMPTS),
+            "--store",
+            str(self.store),
+            "--expect-nodes",
+            str(len(NODES)),
+            "--exit-when-done",
+            "--timeout-s",
+            str(RUN_TIMEOUT_S),
         )
 
     def log(self, name: str) -> str:
@@ -101,7 +113,7 @@ def swarm(tmp_path: Path, broker_config: BrokerConfig) -> Iterator[Swarm]:
     s.close()
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -163,7 +175,9 @@ def test_master_and_two_pupils_learn_end_to_end(swarm: Swarm) -> None:
 
     status = subprocess.run(
         [sys.executable, "-m", "distill_swarm", "status", "--store", str(swarm.store)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rows = {line.split()[0]: line.split() for line in status.splitlines()[2:4]}
     assert set(rows) == set(NODES)

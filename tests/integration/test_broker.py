@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +20,13 @@ pytestmark = pytest.mark.broker
 
 def lesson(n: int) -> Lesson:
     return Lesson(
-        lesson_id=f"l{n}", task="t", prompt="p", goal_text="g", master_model="m",
-        master_answer="a", reference=Embedding(model="e", dim=2, values=[1.0, 0.0]),
+        lesson_id=f"l{n}",
+        task="t",
+        prompt="p",
+        goal_text="g",
+        master_model="m",
+        master_answer="a",
+        reference=Embedding(model="e", dim=2, values=[1.0, 0.0]),
         split="train",
     )
 
@@ -36,7 +42,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
 def get_all(config: BrokerConfig, queue: str) -> list[tuple[bytes, dict[str, object]]]:
     """Drain a queue with basic_get (acking), returning bodies and headers."""
     connection = connect(config)
-    out = []
+    out: list[tuple[bytes, dict[str, object]]] = []
     try:
         channel = connection.channel()
         while True:
@@ -46,6 +52,20 @@ def get_all(config: BrokerConfig, queue: str) -> list[tuple[bytes, dict[str, obj
             out.append((body, dict(props.headers or {})))
     finally:
         connection.close()
+
+
+def drain_until(
+    config: BrokerConfig, queue: str, count: int, timeout_s: float = 20.0
+) -> list[tuple[bytes, dict[str, object]]]:
+    """Collect messages from a queue until ``count`` have arrived."""
+    got: list[tuple[bytes, dict[str, object]]] = []
+
+    def enough() -> bool:
+        got.extend(get_all(config, queue))
+        return len(got) >= count
+
+    wait_for(enough, timeout_s)
+    return got
 
 
 def test_declaring_the_topology_twice_is_harmless(broker_config: BrokerConfig) -> None:
@@ -69,7 +89,7 @@ def test_lessons_fan_out_to_every_pupil_queue(broker_config: BrokerConfig) -> No
     publisher.publish(topology.lessons_exchange, "", encode(sent), "l1")
     publisher.close()
     for node in ("a", "b"):
-        (body, _), = get_all(broker_config, topology.pupil_queue(node))
+        ((body, _),) = get_all(broker_config, topology.pupil_queue(node))
         assert decode(body, Lesson) == sent
 
 
@@ -102,16 +122,17 @@ def test_poison_message_is_dead_lettered_with_reason_and_consuming_goes_on(
 
     stop = threading.Event()
     consumer = Consumer(
-        broker_config, topology, [queue], handler,
-        declare=lambda ch: topology.declare_pupil(ch, "a"),
+        broker_config,
+        topology,
+        [queue],
+        handler,
+        declare=functools.partial(topology.declare_pupil, node_id="a"),
     )
     thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     thread.start()
     try:
         wait_for(lambda: len(handled) == 2)
-        dead: list[tuple[bytes, dict[str, object]]] = []
-        wait_for(lambda: bool(dead.extend(get_all(broker_config, topology.dead_queue))) or
-                 len(dead) >= 2)
+        dead = drain_until(broker_config, topology.dead_queue, 2)
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -137,14 +158,17 @@ def test_a_handler_crash_is_retried_once_then_dead_lettered(broker_config: Broke
     publisher.publish(topology.lessons_exchange, "", encode(lesson(1)), "l1")
     publisher.close()
     stop = threading.Event()
-    consumer = Consumer(broker_config, topology, [queue], handler,
-                        declare=lambda ch: topology.declare_pupil(ch, "a"))
+    consumer = Consumer(
+        broker_config,
+        topology,
+        [queue],
+        handler,
+        declare=functools.partial(topology.declare_pupil, node_id="a"),
+    )
     thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     thread.start()
-    dead: list[tuple[bytes, dict[str, object]]] = []
     try:
-        wait_for(lambda: bool(dead.extend(get_all(broker_config, topology.dead_queue))) or
-                 len(dead) >= 1)
+        dead = drain_until(broker_config, topology.dead_queue, 1)
     finally:
         stop.set()
         thread.join(timeout=10)

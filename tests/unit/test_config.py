@@ -21,7 +21,9 @@ def test_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[pupil]\nnode_id = "from-file"\n[broker]\nprefetch = 2\n')
     env = {"DISTILL_SWARM__PUPIL__NODE_ID": "from-env", "AMQP_URL": "amqp://u:p@h:1/%2F"}
-    settings = load_settings(path, env=env, overrides={"broker.prefetch": 4, "pupil.state_dir": None})
+    settings = load_settings(
+        path, env=env, overrides={"broker.prefetch": 4, "pupil.state_dir": None}
+    )
     assert settings.pupil.node_id == "from-env"
     assert settings.broker.prefetch == 4
     assert settings.broker.url == "amqp://u:p@h:1/%2F"
@@ -51,7 +53,7 @@ def test_bad_values_name_the_field(tmp_path: Path, text: str, field: str) -> Non
 
 
 def test_bad_env_value_names_the_field() -> None:
-    with pytest.raises(ConfigError, match="'broker.heartbeat_s'"):
+    with pytest.raises(ConfigError, match=r"'broker\.heartbeat_s'"):
         load_settings(env={"DISTILL_SWARM__BROKER__HEARTBEAT_S": "soon"})
 
 
@@ -62,7 +64,7 @@ def test_unparseable_and_missing_files(tmp_path: Path) -> None:
         load_settings(broken, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", env={})
-    with pytest.raises(ConfigError, match=".toml, .yaml"):
+    with pytest.raises(ConfigError, match=r"\.toml, \.yaml"):
         other = tmp_path / "c.ini"
         other.write_text("")
         load_settings(other, env={})

@@ -24,9 +24,14 @@ from shared.messages import (
 def make_lesson(**overrides: object) -> Lesson:
     vector = np.linspace(-1, 1, 8, dtype=np.float32)
     fields: dict[str, object] = dict(
-        lesson_id="l1", task="summarisation", prompt="Summarise: x", goal_text="x",
-        master_model="ollama:qwen3", master_answer="y",
-        reference=Embedding.from_array("all-minilm-l6-v2", vector), split="train",
+        lesson_id="l1",
+        task="summarisation",
+        prompt="Summarise: x",
+        goal_text="x",
+        master_model="ollama:qwen3",
+        master_answer="y",
+        reference=Embedding.from_array("all-minilm-l6-v2", vector),
+        split="train",
     )
     fields.update(overrides)
     return Lesson.model_validate(fields)
@@ -34,8 +39,11 @@ def make_lesson(**overrides: object) -> Lesson:
 
 def node_info() -> NodeInfo:
     return NodeInfo(
-        node_id="pi-7", software_version="0.1.0", pupil_model="ollama:phi4-mini",
-        embedding_model="all-minilm-l6-v2", embedding_dim=384,
+        node_id="pi-7",
+        software_version="0.1.0",
+        pupil_model="ollama:phi4-mini",
+        embedding_model="all-minilm-l6-v2",
+        embedding_dim=384,
     )
 
 
@@ -49,10 +57,23 @@ def as_raw(body: bytes) -> dict[str, object]:
     "message",
     [
         make_lesson(),
-        Report(lesson_id="l1", node_id="pi-7", split="eval", pupil_model="m",
-               similarity_before=0.5, similarity_adapted=0.6, losses=[]),
-        Report(lesson_id="l1", node_id="pi-7", split="train", pupil_model="m", trained=True,
-               losses=[0.3, 0.2]),
+        Report(
+            lesson_id="l1",
+            node_id="pi-7",
+            split="eval",
+            pupil_model="m",
+            similarity_before=0.5,
+            similarity_adapted=0.6,
+            losses=[],
+        ),
+        Report(
+            lesson_id="l1",
+            node_id="pi-7",
+            split="train",
+            pupil_model="m",
+            trained=True,
+            losses=[0.3, 0.2],
+        ),
         Hello(node=node_info()),
         Heartbeat(node=node_info()),
     ],
@@ -144,5 +165,10 @@ def test_an_eval_lesson_cannot_be_reported_as_trained() -> None:
 
 def test_bad_node_id_is_refused() -> None:
     with pytest.raises(ValueError):
-        NodeInfo(node_id="../etc", software_version="1", pupil_model="m",
-                 embedding_model="e", embedding_dim=3)
+        NodeInfo(
+            node_id="../etc",
+            software_version="1",
+            pupil_model="m",
+            embedding_model="e",
+            embedding_dim=3,
+        )

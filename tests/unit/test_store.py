@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -10,26 +11,40 @@ from master.store import Store
 from shared.messages import Embedding, Lesson, NodeInfo, Report
 
 
-def lesson(lesson_id: str, split: str = "train") -> Lesson:
+def lesson(lesson_id: str, split: Literal["train", "eval"] = "train") -> Lesson:
     return Lesson(
-        lesson_id=lesson_id, task="t", prompt="p", goal_text="g", master_model="m",
-        master_answer="a", reference=Embedding(model="e", dim=2, values=[1.0, 0.0]),
-        split=split,  # type: ignore[arg-type]
+        lesson_id=lesson_id,
+        task="t",
+        prompt="p",
+        goal_text="g",
+        master_model="m",
+        master_answer="a",
+        reference=Embedding(model="e", dim=2, values=[1.0, 0.0]),
+        split=split,
     )
 
 
-def report(lesson_id: str, node: str, split: str, before: float, adapted: float) -> Report:
+def report(
+    lesson_id: str, node: str, split: Literal["train", "eval"], before: float, adapted: float
+) -> Report:
     trained = split == "train"
     return Report(
-        lesson_id=lesson_id, node_id=node, split=split, pupil_model="p",  # type: ignore[arg-type]
-        similarity_before=before, similarity_adapted=adapted, trained=trained,
-        losses=[0.5, 0.25] if trained else [], adapter_version=1 if trained else 0,
+        lesson_id=lesson_id,
+        node_id=node,
+        split=split,
+        pupil_model="p",
+        similarity_before=before,
+        similarity_adapted=adapted,
+        trained=trained,
+        losses=[0.5, 0.25] if trained else [],
+        adapter_version=1 if trained else 0,
     )
 
 
 def info(node: str) -> NodeInfo:
-    return NodeInfo(node_id=node, software_version="1", pupil_model="p",
-                    embedding_model="e", embedding_dim=2)
+    return NodeInfo(
+        node_id=node, software_version="1", pupil_model="p", embedding_model="e", embedding_dim=2
+    )
 
 
 def test_a_redelivered_report_is_counted_once(tmp_path: Path) -> None:
@@ -75,5 +90,5 @@ def test_status_means_use_eval_lessons_only(tmp_path: Path) -> None:
     assert row.lessons_done == 3
     assert row.eval_lessons == 2
     assert row.mean_before == 0.6
-    assert abs(row.mean_adapted - 0.8) < 1e-9  # type: ignore[operator]
+    assert row.mean_adapted is not None and abs(row.mean_adapted - 0.8) < 1e-9
     assert row.latest_loss == 0.25

@@ -1,0 +1,123 @@
+"""The pupil's lesson flow on the embedded models: train once, never on eval, survive restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pika
+import pytest
+
+from pupil_node.node import PupilNode
+from shared.backends import Embedder, TextGenerator, build_embedder, build_generator
+from shared.broker import Delivery
+from shared.config import PupilConfig
+from shared.errors import DecodeError, EmbeddingMismatch
+from shared.messages import Embedding, Lesson, Report, decode, encode
+
+pytestmark = pytest.mark.models
+
+MASTER_ANSWER = "Answer: Paris.\nReason: It is the capital of France.\nTip: Visit in spring."
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[TextGenerator, Embedder]:
+    return build_generator("embedded", "gemma3-270m", n_threads=2), build_embedder(
+        "embedded", "all-minilm-l6-v2"
+    )
+
+
+def make_node(tmp_path: Path, models: tuple[TextGenerator, Embedder]) -> PupilNode:
+    config = PupilConfig.model_validate(
+        {
+            "state_dir": tmp_path / "state",
+            "generator": {"max_tokens": 8, "temperature": 0.8},
+            "adapter": {"steps_per_lesson": 3, "batch_size": 4},
+        }
+    )
+    return PupilNode("a", config, *models)
+
+
+def delivery_of(
+    embedder: Embedder, lesson_id: str, split: Literal["train", "eval"], model: str | None = None
+) -> Delivery:
+    lesson = Lesson(
+        lesson_id=lesson_id,
+        task="qa",
+        prompt="What is the capital of France?",
+        goal_text="What is the capital of France?",
+        master_model="m",
+        master_answer=MASTER_ANSWER,
+        reference=Embedding.from_array(
+            model or embedder.model_name, embedder.embed([MASTER_ANSWER])[0]
+        ),
+        split=split,
+    )
+    return Delivery(
+        queue="q",
+        body=encode(lesson),
+        message_id=lesson_id,
+        headers={},
+        redelivered=False,
+        delivery_tag=1,
+        generation=0,
+        properties=pika.BasicProperties(),
+    )
+
+
+def report_of(body: bytes) -> Report:
+    report = decode(body, Report)
+    assert isinstance(report, Report)
+    return report
+
+
+def test_a_redelivered_lesson_is_not_trained_twice(
+    tmp_path: Path, models: tuple[TextGenerator, Embedder]
+) -> None:
+    node = make_node(tmp_path, models)
+    delivery = delivery_of(models[1], "l1", "train")
+    first = node.process(delivery)
+    again = node.process(delivery)
+    assert not first.replayed and again.replayed
+    assert again.report == first.report  # the same report goes out again; the master dedupes
+    assert node.trainer.version == 1
+    report = report_of(first.report)
+    assert report.trained and len(report.losses) == 3
+    assert report.similarity_before is not None and -1 <= report.similarity_before <= 1
+
+
+def test_a_crash_between_checkpoint_and_journal_does_not_train_twice(
+    tmp_path: Path, models: tuple[TextGenerator, Embedder]
+) -> None:
+    node = make_node(tmp_path, models)
+    delivery = delivery_of(models[1], "l1", "train")
+    node.process(delivery)
+    node.close()
+    (tmp_path / "state" / "journal.sqlite3").unlink()  # as if we died before journalling
+    restarted = make_node(tmp_path, models)
+    assert restarted.trainer.version == 1  # the adapter came back from its checkpoint
+    outcome = restarted.process(delivery)
+    report = report_of(outcome.report)
+    assert restarted.trainer.version == 1
+    assert report.trained and report.losses == []
+
+
+def test_eval_lessons_are_measured_but_never_learned(
+    tmp_path: Path, models: tuple[TextGenerator, Embedder]
+) -> None:
+    node = make_node(tmp_path, models)
+    report = report_of(node.process(delivery_of(models[1], "e1", "eval")).report)
+    assert not report.trained and report.losses == []
+    assert report.similarity_adapted is not None
+    assert node.trainer.version == 0 and len(node.trainer.replay) == 0
+    assert not (tmp_path / "state" / "adapter.safetensors").exists()
+
+
+def test_a_lesson_from_another_embedding_space_is_refused(
+    tmp_path: Path, models: tuple[TextGenerator, Embedder]
+) -> None:
+    node = make_node(tmp_path, models)
+    with pytest.raises(EmbeddingMismatch, match="expects all-minilm-l6-v2") as info:
+        node.process(delivery_of(models[1], "x1", "train", model="mxbai-embed-large"))
+    assert isinstance(info.value, DecodeError)  # so the consumer dead-letters it
+    assert node.trainer.version == 0
