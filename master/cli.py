@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +51,9 @@ def run(
     cfg = settings.master
     if cfg.prompts is None:
         fail("no prompt set: give --prompts FILE or set master.prompts")
+    # Signals first: a SIGTERM while the models load must still end in a clean exit.
+    stop = threading.Event()
+    stop_on_signals(stop)
     with exit_on_errors():
         items = load_prompts(cfg.prompts)
         generator = build_generator(
@@ -65,8 +69,7 @@ def run(
             url=cfg.embedder.url,
             timeout_s=cfg.embedder.timeout_s,
         )
-        service = MasterService(settings, generator, embedder, Store(cfg.store), items)
-        stop_on_signals(service.stop)
+        service = MasterService(settings, generator, embedder, Store(cfg.store), items, stop)
         log.info("master: %d prompts, model %s", len(items), generator.model_name)
         service.run(exit_when_done=exit_when_done, timeout_s=timeout_s)
 

@@ -39,13 +39,14 @@ class MasterService:
         embedder: Embedder,
         store: Store,
         prompts: list[PromptItem],
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.store = store
         self.prompts = prompts
         self.teacher = Teacher(settings.master, generator, embedder, store)
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.lesson_ids: list[str] = []
         self.publishing_done = threading.Event()
         self.failure: BaseException | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +39,9 @@ def run(
     cfg = settings.pupil
     if cfg.node_id is None:
         fail("no node id: give --node-id NAME or set pupil.node_id")
+    # Signals first: a SIGTERM while the models load must still end in a clean exit.
+    stop = threading.Event()
+    stop_on_signals(stop)
     with exit_on_errors():
         generator = build_generator(
             cfg.generator.kind,
@@ -53,8 +57,7 @@ def run(
             timeout_s=cfg.embedder.timeout_s,
         )
         node = PupilNode(cfg.node_id, cfg, generator, embedder)
-        service = PupilService(settings, node)
-        stop_on_signals(service.stop)
+        service = PupilService(settings, node, stop)
         log.info(
             "pupil %s: model %s, adapter v%d",
             cfg.node_id,

@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 class PupilService:
     """Runs one :class:`PupilNode` against the broker until stopped."""
 
-    def __init__(self, settings: Settings, node: PupilNode) -> None:
+    def __init__(
+        self, settings: Settings, node: PupilNode, stop: threading.Event | None = None
+    ) -> None:
         self.settings = settings
         self.node = node
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
         self._next_heartbeat = 0.0
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -161,13 +162,17 @@ def test_master_and_two_pupils_learn_end_to_end(swarm: Swarm) -> None:
     resumed = swarm.spawn(
         "master-2", "master", "run", "--prompts", str(PROMPTS), "--store", str(swarm.store)
     )
+    restarted_at = datetime.now(UTC).isoformat()
     restarted = swarm.pupil(NODES[0])
 
-    def hello_with_trained_adapter() -> bool:
-        info = Store(swarm.store).node_info(NODES[0])
-        return info is not None and info.adapter_version == len(train_ids)
+    def hello_from_the_restarted_pupil() -> bool:
+        # The old process is gone (its goodbye sets "offline"), so "online" and seen after the
+        # restart can only come from the new process's hello.
+        row = Store(swarm.store).node_status()[0]
+        return row.state == "online" and row.last_seen >= restarted_at
 
-    wait_until(hello_with_trained_adapter, 120, "the restarted pupil's hello")
+    wait_until(hello_from_the_restarted_pupil, 120, "the restarted pupil's hello")
+    assert Store(swarm.store).node_info(NODES[0]).adapter_version == len(train_ids)  # type: ignore[union-attr]
     assert swarm.terminate(restarted) == 0, swarm.log(NODES[0])
     assert swarm.terminate(resumed) == 0, swarm.log("master-2")
     assert Store(swarm.store).published_lesson_ids() == lessons
