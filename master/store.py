@@ -36,7 +36,13 @@ CREATE TABLE IF NOT EXISTS lessons (
     split TEXT NOT NULL,
     body TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    published_at TEXT
+    published_at TEXT,
+    -- cos between two master answers to this prompt under the master's decoding settings
+    ceiling REAL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS reports (
     lesson_id TEXT NOT NULL,
@@ -165,13 +171,39 @@ class Store:
             return None
         return Lesson.model_validate_json(row["body"]), row["published_at"] is not None
 
-    def save_lesson(self, lesson: Lesson, prompt_id: str, seq: int) -> None:
-        """Store a lesson before it is published (idempotent)."""
+    def save_lesson(
+        self, lesson: Lesson, prompt_id: str, seq: int, ceiling: float | None = None
+    ) -> None:
+        """Store a lesson before it is published (idempotent), with its ceiling if measured."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO lessons VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                (lesson.lesson_id, prompt_id, seq, lesson.split, lesson.model_dump_json(), _now()),
+                "INSERT OR IGNORE INTO lessons VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    lesson.lesson_id,
+                    prompt_id,
+                    seq,
+                    lesson.split,
+                    lesson.model_dump_json(),
+                    _now(),
+                    ceiling,
+                ),
             )
+
+    def lesson_ceilings(self) -> dict[str, float]:
+        """lesson_id -> the master's self-agreement, for lessons where it was measured."""
+        rows = self._db().execute(
+            "SELECT lesson_id, ceiling FROM lessons WHERE ceiling IS NOT NULL"
+        )
+        return {r["lesson_id"]: r["ceiling"] for r in rows}
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Remember a run-level fact, e.g. the master's decoding settings."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self) -> dict[str, str]:
+        """Every run-level fact recorded with :meth:`set_meta`."""
+        return {r["key"]: r["value"] for r in self._db().execute("SELECT key, value FROM meta")}
 
     def mark_published(self, lesson_id: str) -> None:
         """Record that the broker confirmed the lesson."""

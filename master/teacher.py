@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from shared.backends import Embedder, GenerationParams, TextGenerator
 from shared.backends.templates import render_prompt
 from shared.config import MasterConfig
 from shared.messages import Embedding, Lesson
+from shared.similarity import cosine
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,15 @@ class Teacher:
         self._params = GenerationParams(
             temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens, seed=gen.seed
         )
+        store.set_meta("master_model", generator.model_name)
+        store.set_meta("master_decoding", self.decoding())
+
+    def decoding(self) -> str:
+        """The master's decoding settings, which the ceiling figure depends on."""
+        p = self._params
+        return (
+            f"temperature={p.temperature} top_p={p.top_p} max_tokens={p.max_tokens} seed={p.seed}"
+        )
 
     def render(self, item: PromptItem) -> str:
         """The prompt exactly as the master model sees it."""
@@ -55,11 +66,8 @@ class Teacher:
         stored = self._store.get_lesson(lesson_id)
         if stored is not None:
             return stored
-        answer = self._generator.generate(
-            prompt, self._params, system=self._config.generator.system
-        )
-        if not answer.strip():
-            answer = "(no answer)"  # an empty answer still teaches the pupil something: brevity
+        answer = self._answer(prompt, self._params)
+        split = assign_split(item, self._config.eval_fraction, self._config.split_seed)
         lesson = Lesson(
             lesson_id=lesson_id,
             task=item.task,
@@ -70,10 +78,28 @@ class Teacher:
             master_model=self._generator.model_name,
             master_answer=answer,
             reference=Embedding.from_array(self._embedder.model_name, self.embed(answer)),
-            split=assign_split(item, self._config.eval_fraction, self._config.split_seed),
+            split=split,
         )
-        self._store.save_lesson(lesson, item.id, seq)
+        ceiling = self.ceiling(prompt, answer) if split == "eval" and self._config.ceiling else None
+        self._store.save_lesson(lesson, item.id, seq, ceiling)
         return lesson, False
+
+    def _answer(self, prompt: str, params: GenerationParams) -> str:
+        answer = self._generator.generate(prompt, params, system=self._config.generator.system)
+        # An empty answer still teaches the pupil something (brevity) and must embed to a vector.
+        return answer if answer.strip() else "(no answer)"
+
+    def ceiling(self, prompt: str, answer: str) -> float:
+        """cos between ``answer`` and a second master answer under the same decoding settings.
+
+        Greedy decoding answers identically every time, so the ceiling is 1 by definition and no
+        second answer is generated.
+        """
+        if self._params.temperature == 0.0:
+            return 1.0
+        seed = None if self._params.seed is None else self._params.seed + 1
+        second = self._answer(prompt, replace(self._params, seed=seed))
+        return cosine(self.embed(answer), self.embed(second))
 
     def embed(self, text: str) -> np.ndarray:
         """Embed through the store's cache (keyed by model + text hash)."""

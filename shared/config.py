@@ -91,6 +91,9 @@ class MasterConfig(_Section):
     # Lessons fan out only to queues that exist, so wait for this many pupils before publishing.
     expect_nodes: int = Field(default=0, ge=0)
     expect_nodes_timeout_s: float = Field(default=300.0, gt=0)
+    # Measure the master's self-agreement on eval lessons (one extra generation each unless the
+    # master decodes greedily): the ceiling every similarity figure is read against.
+    ceiling: bool = True
     generator: GeneratorConfig = GeneratorConfig(template="master.j2")
     embedder: EmbedderConfig = EmbedderConfig()
 

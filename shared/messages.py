@@ -39,6 +39,8 @@ MAX_MESSAGE_BYTES = 1_000_000
 
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 Split = Literal["train", "eval"]
+MethodName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_+-]{0,31}$")]
+Similarity = Annotated[float, Field(ge=-1.0001, le=1.0001, allow_inf_nan=False)]
 
 
 def new_id() -> str:
@@ -143,6 +145,12 @@ class Report(Message):
     similarity_before: float | None = Field(default=None, ge=-1.0001, le=1.0001)
     similarity_adapted: float | None = Field(default=None, ge=-1.0001, le=1.0001)
     similarity_guided: float | None = Field(default=None, ge=-1.0001, le=1.0001)
+    # Eval lessons only: every guided method the node measured, method -> similarity / answer.
+    # ``similarity_guided`` is the entry of the method the node itself answers with.
+    guided: dict[MethodName, Similarity] = Field(default_factory=dict, max_length=16)
+    guided_answers: dict[MethodName, Annotated[str, Field(max_length=MAX_ANSWER_CHARS)]] = Field(
+        default_factory=dict, max_length=16
+    )
     losses: list[float] = Field(default_factory=list, max_length=10_000)
     timings: Timings = Field(default_factory=Timings)
     adapter_version: int = Field(ge=0, default=0)
@@ -160,6 +168,8 @@ class Report(Message):
     def _eval_is_never_trained(self) -> Report:
         if self.split == "eval" and self.trained:
             raise ValueError("an eval lesson must never be trained on")
+        if set(self.guided_answers) - set(self.guided):
+            raise ValueError("guided_answers names a method that has no similarity in guided")
         return self
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from pika.adapters.blocking_connection import BlockingChannel
 
 from distill_swarm.local_broker import LocalBroker, find_rabbitmq_server
 from shared.broker import Consumer, Delivery, Publisher
@@ -56,8 +57,8 @@ def test_consumer_and_publisher_survive_dropped_connections(private_broker: Loca
         assert isinstance(message, Lesson)
         handled.append(message.lesson_id)
 
-    def declare(channel: object) -> None:
-        topology.declare_all(channel, ("a",))  # type: ignore[arg-type]
+    def declare(channel: BlockingChannel) -> None:
+        topology.declare_all(channel, ("a",))
 
     publisher = Publisher(config, declare)
     stop = threading.Event()
