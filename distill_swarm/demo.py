@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -80,6 +81,12 @@ model = "all-minilm-l6-v2"
 hidden_dim = 256
 steps_per_lesson = 8
 batch_size = 16
+
+[pupil.guidance]
+method = "retrieval"                         # what the pupil answers with
+eval_methods = ["best_of_k", "retrieval"]    # measured on every eval lesson
+k = 4
+examples = 2
 """
 
 
@@ -91,17 +98,35 @@ def broker_reachable(url: str) -> bool:
 
 def run_demo(nodes: int, prompts: Path, workdir: Path, max_tokens: int, timeout_s: float) -> int:
     """Run the whole demo; returns a process exit code."""
+    return run_swarm(
+        prompts, workdir, nodes, timeout_s, lambda url, ns: demo_config(url, ns, max_tokens)
+    )
+
+
+def run_swarm(
+    prompts: Path,
+    workdir: Path,
+    nodes: int,
+    timeout_s: float,
+    make_config: Callable[[str, str], str],
+) -> int:
+    """Run a master and ``nodes`` pupils over one prompt set until every report is in.
+
+    ``make_config(broker_url, namespace)`` returns the TOML every process reads; it is written to
+    ``workdir/swarm.toml``. Uses the broker at ``AMQP_URL`` or, if none answers, a private one.
+    Returns a process exit code; the master's store is ``workdir/master.sqlite3``.
+    """
     load_prompts(prompts)  # fail fast, with the field named, before starting anything
     settings = load_settings()
     with ExitStack() as stack:
         url = settings.broker.url
         if not broker_reachable(url):
-            print(f"no RabbitMQ at {url}; starting a private one for this demo", flush=True)
+            print(f"no RabbitMQ at {url}; starting a private one for this run", flush=True)
             url = stack.enter_context(LocalBroker()).url
         namespace = f"demo{secrets.token_hex(3)}"
         workdir.mkdir(parents=True, exist_ok=True)
-        config_path = workdir / "demo.toml"
-        config_path.write_text(demo_config(url, namespace, max_tokens))
+        config_path = workdir / "swarm.toml"
+        config_path.write_text(make_config(url, namespace))
         node_ids = tuple(f"pupil-{i}" for i in range(1, nodes + 1))
         stack.callback(_delete_topology, BrokerConfig(url=url, namespace=namespace), node_ids)
         return _run_processes(config_path, workdir, prompts, node_ids, timeout_s)

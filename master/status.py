@@ -17,6 +17,7 @@ COLUMNS = (
     ("eval n", 6),
     ("sim before", 10),
     ("sim adapted", 11),
+    ("sim guided", 10),
 )
 
 
@@ -39,11 +40,16 @@ def format_table(rows: list[NodeStatus]) -> str:
             str(r.eval_lessons).rjust(6),
             _num(r.mean_before, 10),
             _num(r.mean_adapted, 11),
+            _num(r.mean_guided, 10),
         ]
         lines.append("  ".join(cells))
     if not rows:
         lines.append("(no node has said hello yet)")
-    lines.append("sim = mean cosine to the master's answer on eval lessons (never trained on)")
+    lines.append(
+        "sim = mean cosine to the master's answer on eval lessons (never trained on): before = "
+        "plain answer, adapted = adapter's vector (changes no output), guided = what the pupil "
+        "says with its guidance method"
+    )
     return "\n".join(lines)
 
 

@@ -1,9 +1,14 @@
 """One pupil node's lesson flow, top to bottom.
 
-For each lesson: decode and check it, answer with the local model, embed the answer, measure
-``similarity_before``; then on an ``eval`` lesson measure ``similarity_adapted`` without training,
-and on a ``train`` lesson train the adapter, checkpoint it, and measure again. Journal the lesson,
-publish the report (confirmed), and only then let the consumer ack.
+For each lesson:
+1. decode it and check it is in our embedding space; a lesson already done replays its report;
+2. answer the goal plainly with the local model, embed the answer, measure ``similarity_before``;
+3. on a ``train`` lesson: train the answer adapter (pupil answer -> master answer) and the prompt
+   adapter (goal -> master answer), checkpoint both, and remember the lesson for retrieval;
+   on an ``eval`` lesson: nothing is learned; answer again by every configured guidance method
+   and measure ``similarity_guided`` — what the pupil *says* after alignment;
+4. measure ``similarity_adapted`` (the answer adapter's prediction, a vector), journal the lesson
+   with its report, and hand the report back to be published; the consumer acks after that.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from pupil_node.guidance import Goal, Guide
 from pupil_node.journal import Journal
+from pupil_node.memory import LessonMemory
 from shared import __version__
 from shared.adapter import AdapterTrainer
 from shared.backends import Embedder, GenerationParams, TextGenerator
-from shared.backends.templates import render_prompt
 from shared.broker import Delivery
 from shared.checkpoint import load_latest, save_checkpoint
 from shared.config import PupilConfig
@@ -30,7 +38,9 @@ from shared.similarity import cosine
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "adapter.safetensors"
+PROMPT_CHECKPOINT_NAME = "prompt_adapter.safetensors"
 JOURNAL_NAME = "journal.sqlite3"
+MEMORY_NAME = "memory.sqlite3"
 
 
 @dataclass
@@ -43,7 +53,7 @@ class Outcome:
 
 
 class PupilNode:
-    """The pupil's state (adapter, journal) and the work it does per lesson."""
+    """The pupil's state (adapters, memory, journal) and the work it does per lesson."""
 
     def __init__(
         self, node_id: str, config: PupilConfig, generator: TextGenerator, embedder: Embedder
@@ -55,14 +65,23 @@ class PupilNode:
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = state_dir / CHECKPOINT_NAME
+        self.prompt_checkpoint_path = state_dir / PROMPT_CHECKPOINT_NAME
         self.journal = Journal(state_dir / JOURNAL_NAME)
-        self.trainer = self._load_or_create_adapter()
+        # Answer adapter: the seed's, pupil answer embedding -> master answer embedding.
+        self.trainer = self._load_or_create(self.checkpoint_path)
+        # Prompt adapter: goal embedding -> master answer embedding, what best-of-K aims at.
+        self.prompt_trainer = self._load_or_create(self.prompt_checkpoint_path)
+        self.memory = LessonMemory(state_dir / MEMORY_NAME, embedder.dim)
         gen = config.generator
         # Nodes sharing a config must not sample identical answers: mix the node id into the seed.
         seed = None if gen.seed is None else (gen.seed + zlib.crc32(node_id.encode())) % 2**31
         self.params = GenerationParams(
             temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens, seed=seed
         )
+        self.guide = Guide(
+            config.guidance, gen, generator, embedder, self.params, self.memory,
+            self.prompt_trainer.predict,
+        )  # fmt: skip
 
     # -- state -----------------------------------------------------------------------------
 
@@ -76,18 +95,23 @@ class PupilNode:
         """The dimension lessons' embeddings must have."""
         return self.config.adapter.reference_dim or self.embedder.dim
 
-    def _load_or_create_adapter(self) -> AdapterTrainer:
+    @property
+    def same_space(self) -> bool:
+        """True unless bridging: pupil and master answers can then be compared directly."""
+        return self.reference_model == self.embedder.model_name
+
+    def _load_or_create(self, path: Path) -> AdapterTrainer:
         adapter = self.config.adapter
         # A checkpoint for other dims or another embedding model raises CheckpointError: the
         # operator must move it away on purpose rather than lose a trained adapter silently.
         trainer = load_latest(
-            self.checkpoint_path,
+            path,
             in_dim=self.embedder.dim,
             out_dim=self.reference_dim,
             embedding_model=self.reference_model,
         )
         if trainer is not None:
-            log.info("loaded adapter version %d from %s", trainer.version, self.checkpoint_path)
+            log.info("loaded adapter version %d from %s", trainer.version, path)
             return trainer
         return AdapterTrainer(
             in_dim=self.embedder.dim,
@@ -134,47 +158,35 @@ class PupilNode:
             log.info("lesson %s already done; sending its report again", lesson.lesson_id[:8])
             return Outcome(lesson.lesson_id, done, replayed=True)
 
-        # 1. Answer the goal the way this pupil would, with its own template.
+        # 1. Answer the goal plainly, the way this pupil would on its own.
+        goal = Goal(lesson.goal_text, lesson.preferences, lesson.instructions)
         started = time.perf_counter()
-        prompt = render_prompt(
-            self.config.generator.template,
-            lesson.goal_text,
-            lesson.preferences,
-            lesson.instructions,
-        )
-        answer = self.generator.generate(prompt, self.params, system=self.config.generator.system)
+        answer = self.guide.generate(self.guide.prompt(goal))
         generate_ms = _ms_since(started)
 
-        # 2. Embed it and compare with the master's answer.
+        # 2. Embed it (and the goal, which the prompt adapter and retrieval use).
         started = time.perf_counter()
-        pupil_vec = self.embedder.embed([answer or " "])[0]
+        pupil_vec, goal_vec = self.guide.embed([answer, lesson.goal_text])
         embed_ms = _ms_since(started)
         master_vec = lesson.reference.to_array()
-        before = cosine(pupil_vec, master_vec) if self._same_space else None
+        before = cosine(pupil_vec, master_vec) if self.same_space else None
 
-        # 3. Train on train lessons only; eval lessons measure generalisation.
+        # 3. Learn from train lessons; on eval lessons, measure what guidance makes us say.
         losses: list[float] = []
-        train_ms = 0.0
-        trained = False
+        train_ms = guide_ms = 0.0
+        guided: dict[str, float] = {}
+        guided_answers: dict[str, str] = {}
         if lesson.split == "train":
-            already = self.trainer.last_lesson_id == lesson.lesson_id
-            if already:
-                # Died after the checkpoint but before the journal: the training is in the
-                # checkpoint, so doing it again would count this lesson twice.
-                log.info("lesson %s is in the checkpoint already", lesson.lesson_id[:8])
-            else:
-                started = time.perf_counter()
-                adapter = self.config.adapter
-                losses = self.trainer.learn(
-                    lesson.lesson_id,
-                    pupil_vec,
-                    master_vec,
-                    steps=adapter.steps_per_lesson,
-                    batch_size=adapter.batch_size,
-                )
-                save_checkpoint(self.trainer, self.checkpoint_path)
-                train_ms = _ms_since(started)
-            trained = True
+            started = time.perf_counter()
+            losses = self._learn(lesson, pupil_vec, goal_vec, master_vec)
+            train_ms = _ms_since(started)
+        elif self.same_space:
+            started = time.perf_counter()
+            for method in self.config.guidance.eval_methods:
+                guided_answer = self.guide.answer(method, goal, goal_vec)
+                guided[method] = cosine(guided_answer.vector, master_vec)
+                guided_answers[method] = guided_answer.text
+            guide_ms = _ms_since(started)
         adapted = cosine(self.trainer.predict(pupil_vec), master_vec)
 
         report = Report(
@@ -185,33 +197,65 @@ class PupilNode:
             pupil_answer=answer,
             similarity_before=before,
             similarity_adapted=adapted,
+            similarity_guided=before
+            if self.config.guidance.method == "plain"
+            else guided.get(self.config.guidance.method),
+            guided=guided,
+            guided_answers=guided_answers,
             losses=losses,
-            timings=Timings(generate_ms=generate_ms, embed_ms=embed_ms, train_ms=train_ms),
+            timings=Timings(
+                generate_ms=generate_ms, embed_ms=embed_ms, train_ms=train_ms, guide_ms=guide_ms
+            ),
             adapter_version=self.trainer.version,
-            trained=trained,
+            trained=lesson.split == "train",
         )
         body = encode(report)
         # 4. Journal before publishing: from here on a redelivery replays this report.
         self.journal.record(lesson.lesson_id, body)
         log.info(
-            "lesson %s (%s): before=%s adapted=%.3f%s",
+            "lesson %s (%s): before=%s adapted=%.3f%s%s",
             lesson.lesson_id[:8],
             lesson.split,
             "-" if before is None else f"{before:.3f}",
             adapted,
+            "".join(f" {m}={s:.3f}" for m, s in guided.items()),
             f" loss={losses[-1]:.4f}" if losses else "",
         )
         return Outcome(lesson.lesson_id, body, replayed=False)
 
-    @property
-    def _same_space(self) -> bool:
-        # Without a bridge, pupil and master answers live in one embedding space and can be
-        # compared directly; with one, only the adapter's output is comparable.
-        return self.reference_model == self.embedder.model_name
+    def _learn(
+        self, lesson: Lesson, pupil_vec: np.ndarray, goal_vec: np.ndarray, master_vec: np.ndarray
+    ) -> list[float]:
+        """Train both adapters on a train lesson, checkpoint them, remember the lesson.
+
+        Each step is skipped if its checkpoint already holds this lesson: after a crash between
+        checkpoint and journal, the redelivered lesson is not learned twice.
+        """
+        assert lesson.split == "train", "eval lessons are never learned"
+        losses = self._learn_once(self.trainer, self.checkpoint_path, lesson, pupil_vec, master_vec)
+        self._learn_once(
+            self.prompt_trainer, self.prompt_checkpoint_path, lesson, goal_vec, master_vec
+        )
+        self.memory.add(lesson.lesson_id, lesson.goal_text, lesson.master_answer, goal_vec)
+        return losses
+
+    def _learn_once(
+        self, trainer: AdapterTrainer, path: Path, lesson: Lesson, x: np.ndarray, y: np.ndarray
+    ) -> list[float]:
+        if trainer.last_lesson_id == lesson.lesson_id:
+            log.info("lesson %s is in %s already", lesson.lesson_id[:8], path.name)
+            return []
+        adapter = self.config.adapter
+        losses = trainer.learn(
+            lesson.lesson_id, x, y, steps=adapter.steps_per_lesson, batch_size=adapter.batch_size
+        )
+        save_checkpoint(trainer, path)
+        return losses
 
     def close(self) -> None:
-        """Release the journal."""
+        """Release the journal and the memory."""
         self.journal.close()
+        self.memory.close()
 
 
 def _ms_since(started: float) -> float:

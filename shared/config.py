@@ -81,6 +81,25 @@ class AdapterConfig(_Section):
     reference_dim: int | None = Field(default=None, ge=1, le=8192)
 
 
+GuidanceMethod = Literal["plain", "best_of_k", "retrieval", "retrieval+best_of_k"]
+
+
+class GuidanceConfig(_Section):
+    """How a pupil's alignment changes what it says (see docs/decisions.md)."""
+
+    # What the node answers with (jobs, and `similarity_guided` in reports).
+    method: GuidanceMethod = "retrieval"
+    # Every method measured on eval lessons, for `distill-swarm eval` to compare. Each costs
+    # generations: best_of_k costs k, retrieval one, retrieval+best_of_k k.
+    eval_methods: list[GuidanceMethod] = ["best_of_k", "retrieval"]
+    k: int = Field(default=4, ge=2, le=32)
+    # Worked examples retrieval puts in the prompt (the master's answers to the nearest lessons).
+    examples: int = Field(default=2, ge=1, le=8)
+    # Examples are cut to this many characters each, so a long master answer cannot crowd out
+    # the question in a small model's context window.
+    example_chars: int = Field(default=600, ge=50, le=8000)
+
+
 class MasterConfig(_Section):
     """The master service."""
 
@@ -107,6 +126,7 @@ class PupilConfig(_Section):
     generator: GeneratorConfig = GeneratorConfig(temperature=0.8)
     embedder: EmbedderConfig = EmbedderConfig()
     adapter: AdapterConfig = AdapterConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
 
 
 class Settings(_Section):

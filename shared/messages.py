@@ -131,6 +131,7 @@ class Timings(BaseModel):
     generate_ms: float = Field(ge=0, default=0.0)
     embed_ms: float = Field(ge=0, default=0.0)
     train_ms: float = Field(ge=0, default=0.0)
+    guide_ms: float = Field(ge=0, default=0.0)  # guided answers on eval lessons
 
 
 class Report(Message):

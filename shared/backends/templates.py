@@ -6,9 +6,10 @@ A template is named in one of three ways:
   ``.j2``/``.jinja``/``.txt``);
 - the template text itself (anything containing ``{{`` or ``{%``).
 
-Templates see ``goal.goal_text`` (the seed's spelling), ``goal_text``, ``preferences`` and
-``instructions``. Undefined variables are errors (``StrictUndefined``), so a typo in a user
-template fails loudly instead of silently producing a prompt with a hole in it.
+Templates see ``goal.goal_text`` (the seed's spelling), ``goal_text``, ``preferences``,
+``instructions`` and ``examples`` (``question``/``answer`` pairs). Undefined variables are
+errors (``StrictUndefined``), so a typo in a user template fails loudly instead of silently
+producing a prompt with a hole in it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ PACKAGED_TEMPLATES = ("master", "pupil")
 _PROMPTS_DIR = "prompts"
 _TEMPLATE_SUFFIX = ".j2"
 _PATH_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt")
-_VARIABLES = "goal.goal_text, goal_text, preferences, instructions"
+_VARIABLES = "goal.goal_text, goal_text, preferences, instructions, examples"
 
 _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
@@ -43,6 +44,7 @@ def render_prompt(
     goal_text: str,
     preferences: Sequence[str] = (),
     instructions: Sequence[str] = (),
+    examples: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Render a prompt template for one goal.
 
@@ -52,6 +54,7 @@ def render_prompt(
         goal_text: the question or task.
         preferences: optional style preferences, listed in the prompt when given.
         instructions: optional extra instructions, listed in the prompt when given.
+        examples: optional (question, answer) pairs shown as worked examples (retrieval).
 
     Returns:
         The rendered prompt, stripped of leading and trailing whitespace.
@@ -65,6 +68,7 @@ def render_prompt(
         "goal_text": goal_text,
         "preferences": list(preferences),
         "instructions": list(instructions),
+        "examples": [{"question": q, "answer": a} for q, a in examples],
     }
     try:
         return template.render(context).strip()

@@ -121,3 +121,30 @@ def test_a_lesson_from_another_embedding_space_is_refused(
         node.process(delivery_of(models[1], "x1", "train", model="mxbai-embed-large"))
     assert isinstance(info.value, DecodeError)  # so the consumer dead-letters it
     assert node.trainer.version == 0
+
+
+def test_eval_prompts_never_enter_replay_memory_or_training(
+    tmp_path: Path, models: tuple[TextGenerator, Embedder]
+) -> None:
+    node = make_node(tmp_path, models)
+    embedder = models[1]
+    train_ids = ["t1", "t2", "t3"]
+    for lesson_id in train_ids[:2]:
+        node.process(delivery_of(embedder, lesson_id, "train"))
+    # Retrieval and best-of-K run on the eval lesson, with the memory holding the train lessons.
+    evaluated = report_of(node.process(delivery_of(embedder, "e1", "eval")).report)
+    node.process(delivery_of(embedder, "t3", "train"))
+    node.process(delivery_of(embedder, "e2", "eval"))
+
+    assert set(evaluated.guided) == {"best_of_k", "retrieval"}
+    assert set(evaluated.guided_answers) == {"best_of_k", "retrieval"}
+    assert evaluated.similarity_guided == evaluated.guided["retrieval"]  # the node's method
+    for trainer in (node.trainer, node.prompt_trainer):
+        assert trainer.replay.export()[2] == train_ids
+        assert trainer.version == 3
+    assert node.memory.lesson_ids() == train_ids
+    # ...and after a restart, from the files on disk.
+    node.close()
+    again = make_node(tmp_path, models)
+    assert again.memory.lesson_ids() == train_ids
+    assert again.prompt_trainer.replay.export()[2] == train_ids
