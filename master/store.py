@@ -67,6 +67,16 @@ CREATE TABLE IF NOT EXISTS nodes (
     first_seen TEXT NOT NULL,
     last_seen TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS judgements (
+    lesson_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    method TEXT NOT NULL,          -- plain or a guided method name
+    judge_model TEXT NOT NULL,
+    score INTEGER,                 -- 1..10; NULL: the judge's output held no score we could parse
+    raw TEXT NOT NULL,             -- what the judge said, kept so a NULL can be audited
+    judged_at TEXT NOT NULL,
+    PRIMARY KEY (lesson_id, node_id, method, judge_model)
+);
 """
 
 
@@ -343,3 +353,29 @@ class Store:
                 )
             )
         return out
+
+    # -- judgements (distill-swarm eval --judge) -----------------------------------------------
+
+    def add_judgement(
+        self,
+        lesson_id: str,
+        node_id: str,
+        method: str,
+        judge_model: str,
+        score: int | None,
+        raw: str,
+    ) -> None:
+        """Record one judge verdict (``score`` None: unparseable); a repeat replaces it."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (lesson_id, node_id, method, judge_model, score, raw, _now()),
+            )
+
+    def judgements(self, judge_model: str) -> dict[tuple[str, str, str], int | None]:
+        """(lesson_id, node_id, method) -> score (None: unparseable) for one judge model."""
+        rows = self._db().execute(
+            "SELECT lesson_id, node_id, method, score FROM judgements WHERE judge_model=?",
+            (judge_model,),
+        )
+        return {(r["lesson_id"], r["node_id"], r["method"]): r["score"] for r in rows}

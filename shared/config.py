@@ -113,6 +113,12 @@ class MasterConfig(_Section):
     # Measure the master's self-agreement on eval lessons (one extra generation each unless the
     # master decodes greedily): the ceiling every similarity figure is read against.
     ceiling: bool = True
+    # Prometheus /metrics over HTTP (0 turns it off). Loopback by default: the compose stack sets
+    # 0.0.0.0 so its Prometheus container can scrape the master over the compose network.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
+    # At most this many distinct `node` label values; further nodes share the label `other`.
+    metrics_max_nodes: int = Field(default=256, ge=1, le=100_000)
     generator: GeneratorConfig = GeneratorConfig(template="master.j2")
     embedder: EmbedderConfig = EmbedderConfig()
 
@@ -123,6 +129,10 @@ class PupilConfig(_Section):
     node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     state_dir: Path = Path("distill-swarm-pupil")
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    # Prometheus /metrics over HTTP (0 turns it off). The master re-exports every node's figures,
+    # so a node behind NAT needs no scraping; this endpoint is for nodes Prometheus can reach.
+    metrics_port: int = Field(default=9465, ge=0, le=65535)
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
     generator: GeneratorConfig = GeneratorConfig(temperature=0.8)
     embedder: EmbedderConfig = EmbedderConfig()
     adapter: AdapterConfig = AdapterConfig()
