@@ -52,6 +52,7 @@ threads = 1
 
 [pupil]
 heartbeat_interval_s = 10
+metrics_port = 0           # N pupils share one machine; the master's /metrics shows them all
 
 [pupil.generator]
 kind = "embedded"

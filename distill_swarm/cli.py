@@ -28,10 +28,12 @@ def _register() -> None:
     # Imported here so `distill-swarm pupil` on a Pi never imports the master's modules' deps.
     from master.cli import app as master_app
     from master.cli import evaluate, status
+    from master.node_cli import app as node_app
     from pupil_node.cli import app as pupil_app
 
     app.add_typer(master_app, name="master")
     app.add_typer(pupil_app, name="pupil")
+    app.add_typer(node_app, name="node")
     app.command("status")(status)
     app.command("eval")(evaluate)
 

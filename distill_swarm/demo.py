@@ -64,6 +64,7 @@ model = "all-minilm-l6-v2"
 
 [pupil]
 heartbeat_interval_s = 5
+metrics_port = 0           # N pupils cannot share one port; the master's /metrics shows them all
 
 [pupil.generator]
 kind = "embedded"

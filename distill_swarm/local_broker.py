@@ -2,7 +2,8 @@
 
 It gets its own node name, AMQP and distribution ports, data directory, Erlang cookie and an
 empty plugin list, so it never collides with a system broker, and it is stopped and deleted when
-the ``with`` block ends.
+the ``with`` block ends. Tests may opt in to the management plugin (HTTP API on a free loopback
+port) and to a TLS listener beside the plain one.
 """
 
 from __future__ import annotations
@@ -51,9 +52,18 @@ def find_rabbitmq_server() -> Path | None:
 
 
 class LocalBroker:
-    """``with LocalBroker() as broker: broker.url`` runs a private RabbitMQ node."""
+    """``with LocalBroker() as broker: broker.url`` runs a private RabbitMQ node.
 
-    def __init__(self, extra_config: str = "") -> None:
+    ``management=True`` enables the management plugin at ``management_url``; ``tls=(ca, cert,
+    key)`` (PEM files) adds an amqps listener at ``tls_url``. Both are off by default.
+    """
+
+    def __init__(
+        self,
+        extra_config: str = "",
+        management: bool = False,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         server = find_rabbitmq_server()
         if server is None:
             raise BrokerError(
@@ -66,6 +76,11 @@ class LocalBroker:
         self.dist_port = free_port()
         self.node = f"distill{os.getpid()}x{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.management_port = free_port() if management else None
+        self.management_url = f"http://127.0.0.1:{self.management_port}" if management else None
+        self._tls = tls
+        self.tls_port = free_port() if tls else None
+        self.tls_url = f"amqps://guest:guest@127.0.0.1:{self.tls_port}/%2F" if tls else None
         self._dir = Path(tempfile.mkdtemp(prefix="distill-swarm-rabbit-"))
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -96,13 +111,36 @@ class LocalBroker:
             check=False,
         )
 
+    def _config(self) -> str:
+        lines = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "loopback_users = none"]
+        if self.management_port is not None:
+            lines += [
+                "management.tcp.ip = 127.0.0.1",
+                f"management.tcp.port = {self.management_port}",
+            ]
+        if self._tls is not None:
+            ca, cert, key = self._tls
+            # verify_peer with fail_if_no_peer_cert = false: a client certificate is checked
+            # against the CA when one is sent, and not required otherwise.
+            lines += [
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {ca}",
+                f"ssl_options.certfile = {cert}",
+                f"ssl_options.keyfile = {key}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        return "\n".join(lines) + "\n" + self._extra_config
+
+    def _ports(self) -> list[int]:
+        optional = (self.management_port, self.tls_port)
+        return [self.port, *(port for port in optional if port is not None)]
+
     def start(self) -> None:
-        """Start the node and wait until it accepts AMQP connections."""
-        (self._dir / "enabled_plugins").write_text("[].\n")
-        (self._dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-            "loopback_users = none\n" + self._extra_config
-        )
+        """Start the node and wait until every listener it was asked for accepts connections."""
+        plugins = "rabbitmq_management" if self.management_port is not None else ""
+        (self._dir / "enabled_plugins").write_text(f"[{plugins}].\n")
+        (self._dir / "rabbitmq.conf").write_text(self._config())
         log_file = (self._dir / "server.log").open("wb")
         self._process = subprocess.Popen(
             [str(self._server)],
@@ -112,7 +150,7 @@ class LocalBroker:
             start_new_session=True,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_open("127.0.0.1", self.port):
+        while not all(port_open("127.0.0.1", port) for port in self._ports()):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 tail = (self._dir / "server.log").read_text(errors="replace")[-800:]
                 self.stop()

@@ -20,6 +20,7 @@ from master.status import format_json, format_table
 from master.store import Store
 from shared.backends import build_embedder, build_generator
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
+from shared.metrics import MasterMetrics, serve
 
 app = typer.Typer(
     help="The master service: teach the swarm.", no_args_is_help=True, rich_markup_mode=None
@@ -59,6 +60,9 @@ def run(
     # Signals first: a SIGTERM while the models load must still end in a clean exit.
     stop = threading.Event()
     stop_on_signals(stop)
+    # Metrics first too: /metrics answers (and the container turns healthy) while models load.
+    metrics = MasterMetrics(cfg.metrics_max_nodes)
+    serve(metrics.registry, cfg.metrics_addr, cfg.metrics_port)
     with exit_on_errors():
         items = load_prompts(cfg.prompts)
         generator = build_generator(
@@ -74,7 +78,9 @@ def run(
             url=cfg.embedder.url,
             timeout_s=cfg.embedder.timeout_s,
         )
-        service = MasterService(settings, generator, embedder, Store(cfg.store), items, stop)
+        service = MasterService(
+            settings, generator, embedder, Store(cfg.store), items, stop, metrics
+        )
         log.info("master: %d prompts, model %s", len(items), generator.model_name)
         service.run(exit_when_done=exit_when_done, timeout_s=timeout_s)
 

@@ -21,6 +21,7 @@ from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
 from shared.errors import DecodeError, DistillSwarmError
 from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
+from shared.metrics import MasterMetrics
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,19 @@ class MasterService:
         store: Store,
         prompts: list[PromptItem],
         stop: threading.Event | None = None,
+        metrics: MasterMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.store = store
         self.prompts = prompts
-        self.teacher = Teacher(settings.master, generator, embedder, store)
+        self.metrics = metrics or MasterMetrics(settings.master.metrics_max_nodes)
+        self.teacher = Teacher(
+            settings.master,
+            self.metrics.timed_generator(generator),
+            self.metrics.timed_embedder(embedder),
+            store,
+        )
         self.stop = stop or threading.Event()
         self.lesson_ids: list[str] = []
         self.publishing_done = threading.Event()
@@ -61,7 +69,9 @@ class MasterService:
         if delivery.queue == self.topology.reports_queue:
             report = decode(delivery.body, Report)
             assert isinstance(report, Report)
-            if self.store.add_report(report):
+            new = self.store.add_report(report)
+            self.metrics.record_report(report, new)
+            if new:
                 log.info(
                     "report %s from %s: before=%s adapted=%s",
                     report.lesson_id[:8],
@@ -77,8 +87,10 @@ class MasterService:
         message = decode(delivery.body)
         if isinstance(message, Hello | Heartbeat):
             self.store.touch_node(message.node, "online")
+            self.metrics.record_node(message.node, online=True)
         elif isinstance(message, Goodbye):
             self.store.touch_node(message.node, "offline")
+            self.metrics.record_node(message.node, online=False)
         else:
             raise DecodeError(f"unexpected {message.kind} message on the control queue")
 
@@ -119,6 +131,7 @@ class MasterService:
                     self.topology.lessons_exchange, "", encode(lesson), lesson.lesson_id
                 )
                 self.store.mark_published(lesson.lesson_id)
+                self.metrics.lessons_published.inc()
                 log.info(
                     "published lesson %d/%d (%s, %s)",
                     seq + 1,
@@ -170,13 +183,19 @@ class MasterService:
             declare=self.topology.declare_master,
             on_tick=tick,
             tick_interval_s=1.0,
+            on_dead_letter=self._dead_lettered,
         )
+        self.metrics.watch_connection(consumer.connected)
         thread = threading.Thread(target=publish, name="publisher", daemon=True)
         thread.start()
         consumer.run(self.stop)
         thread.join(timeout=10)
         if self.failure is not None:
             raise self.failure
+
+    def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
+        queue = "reports" if delivery.queue == self.topology.reports_queue else "control"
+        self.metrics.rejected(queue, reason)
 
 
 def _fmt(value: float | None) -> str:

@@ -13,6 +13,7 @@ from pupil_node.node import PupilNode
 from pupil_node.service import PupilService
 from shared.backends import build_embedder, build_generator
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
+from shared.metrics import PupilMetrics, serve
 
 app = typer.Typer(
     help="A pupil node: learn from the master.", no_args_is_help=True, rich_markup_mode=None
@@ -42,6 +43,8 @@ def run(
     # Signals first: a SIGTERM while the models load must still end in a clean exit.
     stop = threading.Event()
     stop_on_signals(stop)
+    metrics = PupilMetrics()
+    serve(metrics.registry, cfg.metrics_addr, cfg.metrics_port)
     with exit_on_errors():
         generator = build_generator(
             cfg.generator.kind,
@@ -57,7 +60,7 @@ def run(
             timeout_s=cfg.embedder.timeout_s,
         )
         node = PupilNode(cfg.node_id, cfg, generator, embedder)
-        service = PupilService(settings, node, stop)
+        service = PupilService(settings, node, stop, metrics)
         log.info(
             "pupil %s: model %s, adapter v%d",
             cfg.node_id,

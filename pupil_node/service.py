@@ -18,6 +18,7 @@ from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
 from shared.errors import EmbeddingMismatch
 from shared.messages import Goodbye, Heartbeat, Hello, Lesson, Message, Report, decode, encode
+from shared.metrics import PupilMetrics
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,23 @@ class PupilService:
     """Runs one :class:`PupilNode` against the broker until stopped."""
 
     def __init__(
-        self, settings: Settings, node: PupilNode, stop: threading.Event | None = None
+        self,
+        settings: Settings,
+        node: PupilNode,
+        stop: threading.Event | None = None,
+        metrics: PupilMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
+        self.metrics = metrics or PupilMetrics()
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.stop = stop or threading.Event()
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
         self._next_heartbeat = 0.0
 
     def _declare(self, channel: BlockingChannel) -> None:
-        self.topology.declare_pupil(channel, self.node.node_id)
+        broker = self.settings.broker
+        self.topology.declare_pupil(channel, self.node.node_id, broker.declare_exchanges)
 
     def _control(self, message: Message) -> None:
         # Not mandatory: hello/heartbeat are soft state that the next heartbeat repeats, and a
@@ -59,6 +66,7 @@ class PupilService:
         except EmbeddingMismatch as exc:
             self._report_refusal(delivery, str(exc))
             raise
+        self.metrics.record_lesson(outcome.report, outcome.replayed)
         self.publisher.publish(
             self.topology.reports_exchange,
             self.topology.REPORT_KEY,
@@ -108,7 +116,9 @@ class PupilService:
             declare=self._declare,
             on_tick=self.tick,
             tick_interval_s=1.0,
+            on_dead_letter=lambda _delivery, reason: self.metrics.rejected("lessons", reason),
         )
+        self.metrics.watch_connection(consumer.connected)
         try:
             consumer.run(self.stop)
         finally:

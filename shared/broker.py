@@ -16,6 +16,8 @@ import functools
 import logging
 import queue
 import random
+import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,11 +31,14 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from shared.config import BrokerConfig
 from shared.errors import (
     BrokerError,
+    ConfigError,
     ConnectionClosed,
     DecodeError,
     DistillSwarmError,
     PublishNotConfirmed,
 )
+from shared.messages import MAX_MESSAGE_BYTES
+from shared.tls import ssl_options, uses_tls_settings
 from shared.topology import ORIGIN_QUEUE_HEADER, REASON_HEADER, Topology
 
 log = logging.getLogger(__name__)
@@ -57,21 +62,44 @@ def backoff_delays(max_backoff_s: float, base_s: float = 0.5) -> Iterator[float]
         attempt += 1
 
 
+# scheme://user:PASSWORD@ up to the *last* "@": a raw "@" in a password is hidden too, and an "@"
+# later in the URL can only make us hide more than needed, never less.
+_USERINFO_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:).*@")
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced, safe to log."""
-    params = pika.URLParameters(url)
-    creds = params.credentials
-    if isinstance(creds, pika.PlainCredentials) and creds.password:
-        return url.replace(f":{creds.password}@", ":***@")
-    return url
+    """The URL with its password replaced by ``***``, safe to log; works on any string.
+
+    Text-based on purpose: parsing could fail on the very URL that is wrong, and a percent-encoded
+    password differs from the decoded one a parser returns.
+    """
+    return _USERINFO_PASSWORD.sub(r"\g<head>***@", url, count=1)
+
+
+def connection_parameters(config: BrokerConfig) -> pika.URLParameters:
+    """pika's parameters for ``config.url``; an amqps:// URL gets our verifying TLS context."""
+    try:
+        params = pika.URLParameters(config.url)
+    except ValueError as exc:
+        raise ConfigError(f"config field 'broker.url' ({redact(config.url)}): {exc}") from None
+    if params.ssl_options is not None:
+        params.ssl_options = ssl_options(config, params.host)
+    elif uses_tls_settings(config):
+        # Somebody believes this connection is encrypted; it would not be.
+        raise ConfigError(
+            f"config field 'broker.url': broker.tls_* is set but {redact(config.url)} is not "
+            "amqps://"
+        )
+    return params
 
 
 def connect(config: BrokerConfig, stop: threading.Event | None = None) -> BlockingConnection:
     """Open a connection, retrying with bounded backoff; raise ConnectionClosed after the last try.
 
-    Authentication failures are not retried: a wrong password does not get better with time.
+    Authentication and TLS failures are not retried: a wrong password or a certificate that does
+    not verify does not get better with time.
     """
-    params = pika.URLParameters(config.url)
+    params = connection_parameters(config)
     params.heartbeat = config.heartbeat_s
     params.blocked_connection_timeout = 300
     params.connection_attempts = 1
@@ -85,6 +113,12 @@ def connect(config: BrokerConfig, stop: threading.Event | None = None) -> Blocki
         except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError) as exc:
             raise BrokerError(
                 f"RabbitMQ at {redact(config.url)} refused the credentials: {exc!r}"
+            ) from None
+        except ssl.SSLError as exc:
+            reason = " ".join((exc.strerror or str(exc)).split())
+            raise BrokerError(
+                f"TLS with RabbitMQ at {redact(config.url)} failed: {reason}; check "
+                "broker.tls_ca_file and broker.tls_server_hostname"
             ) from None
         except _CONNECTION_ERRORS as exc:
             last_error = exc
@@ -356,6 +390,10 @@ class Consumer:
             self._schedule(functools.partial(self._settle, delivery, outcome))
 
     def _run_handler(self, delivery: Delivery) -> tuple[str, str]:
+        if len(delivery.body) > MAX_MESSAGE_BYTES:
+            # Refused before the handler sees it: an oversized body is never parsed at all.
+            size = len(delivery.body)
+            return ("dead", f"message is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
         try:
             self._handler(delivery)
             return ("ack", "")

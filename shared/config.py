@@ -38,6 +38,16 @@ class BrokerConfig(_Section):
     connect_attempts: int = Field(default=8, ge=1, le=1000)
     max_backoff_s: float = Field(default=30.0, gt=0)
     quorum_queues: bool = True
+    # Pupils only (the master always declares everything). False: check that the exchanges exist
+    # instead of declaring them, so a per-node user needs no `configure` permission on them.
+    declare_exchanges: bool = True
+    # TLS, used when `url` is amqps://. The CA that signed the broker's certificate (default: the
+    # system's trust store); an optional client certificate and key; the name to check the
+    # broker's certificate against when it differs from the URL's host.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_server_hostname: str | None = None
 
 
 class GeneratorConfig(_Section):

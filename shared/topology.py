@@ -11,12 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.errors import BrokerError
 
 # Header carrying why a message was dead-lettered by us (RabbitMQ's own x-death says only
 # "rejected", which tells an operator nothing).
 REASON_HEADER = "x-distill-swarm-reason"
 ORIGIN_QUEUE_HEADER = "x-distill-swarm-queue"
+
+# What a pupil needs to hear when setting up its queue fails; AMQP reply code -> what to do.
+_PUPIL_DECLARE_HINTS = {
+    403: "this broker user may not do that: a per-node user needs broker.declare_exchanges = "
+    "false and the permissions `distill-swarm node add` sets (docs/security.md)",
+    404: "start the master once (it declares the topology) or load the deploy definitions",
+}
 
 
 @dataclass(frozen=True)
@@ -97,16 +107,49 @@ class Topology:
         channel.queue_declare(self.control_queue, durable=True, arguments=self._queue_args(True))
         channel.queue_bind(self.control_queue, self.control_exchange, routing_key="#")
 
-    def declare_pupil(self, channel: BlockingChannel, node_id: str) -> str:
+    def check_pupil_exchanges(self, channel: BlockingChannel) -> None:
+        """Check that the exchanges a pupil uses exist, without declaring them.
+
+        Passive declares need no permission at all, so a pupil's own user can run this. Checked:
+        lessons (its queue binds to it), reports and control (it publishes there) and dead (its
+        queue's dead-letter exchange, and where it dead-letters what it cannot decode).
+        """
+        for name in (
+            self.lessons_exchange,
+            self.reports_exchange,
+            self.control_exchange,
+            self.dead_exchange,
+        ):
+            channel.exchange_declare(name, passive=True)
+
+    def declare_pupil(
+        self, channel: BlockingChannel, node_id: str, declare_exchanges: bool = True
+    ) -> str:
         """Declare one pupil's lesson queue bound to the lessons fanout; returns its name.
 
         Classic queue on purpose: a pupil queue has one consumer and one replica is enough;
         the master's queues, shared by the whole swarm, are the ones worth replicating.
+
+        ``declare_exchanges=False`` only checks that the exchanges exist and leaves the
+        dead-letter queue alone: a per-node user then needs `configure` on its own queue only,
+        and cannot delete or redeclare what the whole swarm shares. The master declares those.
+        A refusal (missing exchange, missing permission) raises :class:`BrokerError` with what
+        to do: retrying cannot fix it.
         """
-        self.declare_exchanges(channel)
         queue = self.pupil_queue(node_id)
-        channel.queue_declare(queue, durable=True, arguments=self._queue_args(False))
-        channel.queue_bind(queue, self.lessons_exchange)
+        try:
+            if declare_exchanges:
+                self.declare_exchanges(channel)
+            else:
+                self.check_pupil_exchanges(channel)
+            channel.queue_declare(queue, durable=True, arguments=self._queue_args(False))
+            channel.queue_bind(queue, self.lessons_exchange)
+        except pex.ChannelClosedByBroker as exc:
+            hint = _PUPIL_DECLARE_HINTS.get(exc.reply_code, "")
+            raise BrokerError(
+                f"cannot set up pupil queue '{queue}': {exc.reply_text}"
+                + (f"; {hint}" if hint else "")
+            ) from None
         return queue
 
     def declare_all(self, channel: BlockingChannel, node_ids: tuple[str, ...] = ()) -> None:

@@ -22,6 +22,9 @@ from shared.topology import Topology
 # Tests name their pupils from this list, so teardown can delete those queues too.
 TEST_NODE_IDS = ("a", "b", "pupil-1", "pupil-2")
 
+# Session fixtures shared across test directories: a live master + pupil, and Prometheus on them.
+pytest_plugins = ["tests.support.live_swarm"]
+
 
 def _docker_engine_answers() -> bool:
     try:

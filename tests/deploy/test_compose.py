@@ -43,7 +43,7 @@ DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
 PYPROJECT = ROOT / "pyproject.toml"
 
-SERVICES = {"rabbitmq", "ollama", "ollama-pull", "master"}
+SERVICES = {"rabbitmq", "ollama", "ollama-pull", "master", "prometheus", "grafana"}
 TORCH_PIN = "torch==2.13.0"
 VHOST = "swarm"
 PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
@@ -180,7 +180,13 @@ def compose(compose_output: str) -> dict[str, Any]:
 
 def test_compose_config_has_the_server_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == SERVICES
-    assert set(compose["volumes"]) == {"rabbitmq-data", "ollama-models", "master-data"}
+    assert set(compose["volumes"]) == {
+        "rabbitmq-data",
+        "ollama-models",
+        "master-data",
+        "prometheus-data",
+        "grafana-data",
+    }
 
 
 def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
