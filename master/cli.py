@@ -18,7 +18,7 @@ from master.prompts import load_prompts
 from master.service import MasterService
 from master.status import format_json, format_table
 from master.store import Store
-from shared.backends import build_embedder, build_generator
+from shared.backends import embedder_from, generator_from
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 from shared.metrics import MasterMetrics, serve
 
@@ -65,19 +65,8 @@ def run(
     serve(metrics.registry, cfg.metrics_addr, cfg.metrics_port)
     with exit_on_errors():
         items = load_prompts(cfg.prompts)
-        generator = build_generator(
-            cfg.generator.kind,
-            cfg.generator.model,
-            url=cfg.generator.url,
-            timeout_s=cfg.generator.timeout_s,
-            n_threads=cfg.generator.threads,
-        )
-        embedder = build_embedder(
-            cfg.embedder.kind,
-            cfg.embedder.model,
-            url=cfg.embedder.url,
-            timeout_s=cfg.embedder.timeout_s,
-        )
+        generator = generator_from(cfg.generator)
+        embedder = embedder_from(cfg.embedder)
         service = MasterService(
             settings, generator, embedder, Store(cfg.store), items, stop, metrics
         )
@@ -132,11 +121,8 @@ def evaluate(
         fail(f"no eval reports in {path} yet: nothing to evaluate")
     scores = judge_info = None
     if judge:
-        gen = settings.master.generator
         with exit_on_errors():
-            generator = build_generator(
-                gen.kind, gen.model, url=gen.url, timeout_s=gen.timeout_s, n_threads=gen.threads
-            )
+            generator = generator_from(settings.master.generator)
             scores = run_judge(db, generator, judge_limit)
         judge_info = {
             "model": generator.model_name,

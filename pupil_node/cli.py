@@ -11,7 +11,7 @@ import typer
 
 from pupil_node.node import PupilNode
 from pupil_node.service import PupilService
-from shared.backends import build_embedder, build_generator
+from shared.backends import embedder_from, generator_from
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 from shared.metrics import PupilMetrics, serve
 
@@ -46,19 +46,8 @@ def run(
     metrics = PupilMetrics()
     serve(metrics.registry, cfg.metrics_addr, cfg.metrics_port)
     with exit_on_errors():
-        generator = build_generator(
-            cfg.generator.kind,
-            cfg.generator.model,
-            url=cfg.generator.url,
-            timeout_s=cfg.generator.timeout_s,
-            n_threads=cfg.generator.threads,
-        )
-        embedder = build_embedder(
-            cfg.embedder.kind,
-            cfg.embedder.model,
-            url=cfg.embedder.url,
-            timeout_s=cfg.embedder.timeout_s,
-        )
+        generator = generator_from(cfg.generator)
+        embedder = embedder_from(cfg.embedder)
         node = PupilNode(cfg.node_id, cfg, generator, embedder)
         service = PupilService(settings, node, stop, metrics)
         log.info(

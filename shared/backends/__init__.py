@@ -19,6 +19,8 @@ from shared.errors import ConfigError
 if TYPE_CHECKING:
     import numpy
 
+    from shared.config import EmbedderConfig, GeneratorConfig
+
 KINDS = ("ollama", "embedded")
 
 
@@ -131,6 +133,19 @@ def build_embedder(
     return EmbeddedEmbedder(model)
 
 
+def generator_from(config: GeneratorConfig) -> TextGenerator:
+    """The generator a ``[*.generator]`` config section describes."""
+    return build_generator(
+        config.kind, config.model, url=config.url, timeout_s=config.timeout_s,
+        n_threads=config.threads,
+    )  # fmt: skip
+
+
+def embedder_from(config: EmbedderConfig) -> Embedder:
+    """The embedder an ``[*.embedder]`` config section describes."""
+    return build_embedder(config.kind, config.model, url=config.url, timeout_s=config.timeout_s)
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ConfigError(f"unknown model backend kind '{kind}'; use one of: {', '.join(KINDS)}")
@@ -143,4 +158,6 @@ __all__ = [
     "TextGenerator",
     "build_embedder",
     "build_generator",
+    "embedder_from",
+    "generator_from",
 ]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from shared.broker import Consumer, Delivery, Publisher, connect
+from shared.broker import Consumer, Delivery, Handler, Publisher, connect
 from shared.config import BrokerConfig
 from shared.errors import PublishNotConfirmed
 from shared.messages import Embedding, Lesson, decode, encode
@@ -68,6 +69,24 @@ def drain_until(
     return got
 
 
+@contextlib.contextmanager
+def consuming(config: BrokerConfig, node_id: str, handler: Handler) -> Iterator[Consumer]:
+    """Run a Consumer on one pupil's queue in a thread for the duration of the block."""
+    topology = Topology(config.namespace)
+    consumer = Consumer(
+        config, topology, [topology.pupil_queue(node_id)], handler,
+        declare=functools.partial(topology.declare_pupil, node_id=node_id),
+    )  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def test_declaring_the_topology_twice_is_harmless(broker_config: BrokerConfig) -> None:
     topology = Topology(broker_config.namespace)
     connection = connect(broker_config)
@@ -120,22 +139,9 @@ def test_poison_message_is_dead_lettered_with_reason_and_consuming_goes_on(
     publisher.publish(topology.lessons_exchange, "", encode(lesson(2)), "l2")
     publisher.close()
 
-    stop = threading.Event()
-    consumer = Consumer(
-        broker_config,
-        topology,
-        [queue],
-        handler,
-        declare=functools.partial(topology.declare_pupil, node_id="a"),
-    )
-    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with consuming(broker_config, "a", handler):
         wait_for(lambda: len(handled) == 2)
         dead = drain_until(broker_config, topology.dead_queue, 2)
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     assert handled == ["l1", "l2"]
     reasons = {body: headers[REASON_HEADER] for body, headers in dead}
     assert "invalid message" in str(reasons[b'{"kind": "lesson", "oops": 1}'])
@@ -147,7 +153,6 @@ def test_poison_message_is_dead_lettered_with_reason_and_consuming_goes_on(
 
 def test_a_handler_crash_is_retried_once_then_dead_lettered(broker_config: BrokerConfig) -> None:
     topology = Topology(broker_config.namespace)
-    queue = topology.pupil_queue("a")
     attempts: list[bool] = []
 
     def handler(delivery: Delivery) -> None:
@@ -157,20 +162,7 @@ def test_a_handler_crash_is_retried_once_then_dead_lettered(broker_config: Broke
     publisher = Publisher(broker_config, lambda ch: topology.declare_all(ch, ("a",)))
     publisher.publish(topology.lessons_exchange, "", encode(lesson(1)), "l1")
     publisher.close()
-    stop = threading.Event()
-    consumer = Consumer(
-        broker_config,
-        topology,
-        [queue],
-        handler,
-        declare=functools.partial(topology.declare_pupil, node_id="a"),
-    )
-    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with consuming(broker_config, "a", handler):
         dead = drain_until(broker_config, topology.dead_queue, 1)
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     assert attempts == [False, True]
     assert "RuntimeError: bug in the handler" in str(dead[0][1][REASON_HEADER])
