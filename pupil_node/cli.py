@@ -9,8 +9,6 @@ from typing import Annotated
 
 import typer
 
-from pupil_node.node import PupilNode
-from pupil_node.service import PupilService
 from shared.backends import embedder_from, generator_from
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 from shared.metrics import PupilMetrics, serve
@@ -38,6 +36,11 @@ def run(
     setup_logging(log_level)
     settings = settings_from(config, {"pupil.node_id": node_id, "pupil.state_dir": state_dir})
     cfg = settings.pupil
+    # Imported here, not at the top: they pull in torch (seconds to import), which every other
+    # `distill-swarm` command (status, eval, node add) would otherwise pay for.
+    from pupil_node.node import PupilNode
+    from pupil_node.service import PupilService
+
     if cfg.node_id is None:
         fail("no node id: give --node-id NAME or set pupil.node_id")
     # Signals first: a SIGTERM while the models load must still end in a clean exit.
