@@ -56,6 +56,9 @@ class LocalBroker:
 
     ``management=True`` enables the management plugin at ``management_url``; ``tls=(ca, cert,
     key)`` (PEM files) adds an amqps listener at ``tls_url``. Both are off by default.
+    ``extra_config`` is appended to ``rabbitmq.conf``; ``advanced_config`` (Erlang terms, e.g.
+    ``[{rabbit, [{channel_tick_interval, 500}]}].``) becomes ``advanced.config``, for the few
+    settings ``rabbitmq.conf`` cannot express. Neither is written unless given.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class LocalBroker:
         extra_config: str = "",
         management: bool = False,
         tls: tuple[Path, Path, Path] | None = None,
+        advanced_config: str = "",
     ) -> None:
         server = find_rabbitmq_server()
         if server is None:
@@ -72,6 +76,7 @@ class LocalBroker:
             )
         self._server = server
         self._extra_config = extra_config
+        self._advanced_config = advanced_config
         self.port = free_port()
         self.dist_port = free_port()
         self.node = f"distill{os.getpid()}x{self.port}@localhost"
@@ -86,6 +91,11 @@ class LocalBroker:
 
     def env(self) -> dict[str, str]:
         """The environment that points RabbitMQ's scripts at this node."""
+        advanced = (
+            {"RABBITMQ_ADVANCED_CONFIG_FILE": str(self._dir / "advanced.config")}
+            if self._advanced_config
+            else {}
+        )
         return {
             **os.environ,
             "HOME": str(self._dir),  # its own Erlang cookie
@@ -97,6 +107,7 @@ class LocalBroker:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self._dir / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(self._dir / "rabbitmq.conf"),
             "RABBITMQ_PID_FILE": str(self._dir / "rabbit.pid"),
+            **advanced,
         }
 
     def ctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -141,6 +152,8 @@ class LocalBroker:
         plugins = "rabbitmq_management" if self.management_port is not None else ""
         (self._dir / "enabled_plugins").write_text(f"[{plugins}].\n")
         (self._dir / "rabbitmq.conf").write_text(self._config())
+        if self._advanced_config:
+            (self._dir / "advanced.config").write_text(self._advanced_config)
         log_file = (self._dir / "server.log").open("wb")
         self._process = subprocess.Popen(
             [str(self._server)],

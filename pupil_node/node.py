@@ -1,14 +1,16 @@
 """One pupil node's lesson flow, top to bottom.
 
 For each lesson:
-1. decode it and check it is in our embedding space; a lesson already done replays its report;
+1. decode it and check it is in our embedding space; a lesson already done replays its report
+   (or, if the broker confirmed that report already, only asks for the ack);
 2. answer the goal plainly with the local model, embed the answer, measure ``similarity_before``;
 3. on a ``train`` lesson: train the answer adapter (pupil answer -> master answer) and the prompt
    adapter (goal -> master answer), checkpoint both, and remember the lesson for retrieval;
    on an ``eval`` lesson: nothing is learned; answer again by every configured guidance method
    and measure ``similarity_guided`` — what the pupil *says* after alignment;
 4. measure ``similarity_adapted`` (the answer adapter's prediction, a vector), journal the lesson
-   with its report, and hand the report back to be published; the consumer acks after that.
+   with its report, and hand the report back to be published; once the broker confirmed it,
+   :meth:`PupilNode.mark_reported` notes that in the journal, and the consumer acks.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Outcome:
 
     lesson_id: str
     report: bytes
-    replayed: bool  # True when the lesson was already done and its old report is sent again
+    replayed: bool  # True when the lesson was already done: its journalled report, no new work
+    reported: bool = False  # True when the broker already confirmed that report: only ack
 
 
 class PupilNode:
@@ -153,10 +156,17 @@ class PupilNode:
         assert isinstance(lesson, Lesson)
         self.check(lesson)
 
-        done = self.journal.report_for(lesson.lesson_id)
+        done = self.journal.entry(lesson.lesson_id)
         if done is not None:
-            log.info("lesson %s already done; sending its report again", lesson.lesson_id[:8])
-            return Outcome(lesson.lesson_id, done, replayed=True)
+            log.info(
+                "lesson %s already done; %s",
+                lesson.lesson_id[:8],
+                "its report was confirmed, acking" if done.reported else "sending its report again",
+            )
+            return Outcome(lesson.lesson_id, done.report, replayed=True, reported=done.reported)
+        # Says which lesson is in hand: an operator (or a fault test) can tell a lesson that
+        # was cut short from one that never started.
+        log.info("lesson %s (%s): started", lesson.lesson_id[:8], lesson.split)
 
         # 1. Answer the goal plainly, the way this pupil would on its own.
         goal = Goal(lesson.goal_text, lesson.preferences, lesson.instructions)
@@ -251,6 +261,10 @@ class PupilNode:
         )
         save_checkpoint(trainer, path)
         return losses
+
+    def mark_reported(self, lesson_id: str) -> None:
+        """Note that the broker confirmed the lesson's report: a redelivery is then only acked."""
+        self.journal.mark_reported(lesson_id)
 
     def close(self) -> None:
         """Release the journal and the memory."""

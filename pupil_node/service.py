@@ -1,8 +1,14 @@
 """The pupil node as a service: hello, heartbeats, the lesson consumer, goodbye.
 
-The consumer's I/O thread keeps the connection alive (heartbeats) while the worker thread runs a
-lesson, which may take minutes on a Pi. Reports and control messages go out on a separate,
-confirming publisher connection; a lesson is acked only after its report is confirmed.
+Three threads:
+- the consumer's I/O thread keeps its connection alive (AMQP heartbeats) while
+- the consumer's worker thread runs a lesson, which may take minutes on a Pi;
+- a keepalive thread sends the node's heartbeat messages and keeps the publisher's connection
+  answering AMQP heartbeats between lessons.
+Reports and control messages go out on a separate, confirming publisher connection; a lesson is
+acked only after its report is confirmed. The keepalive work has its own thread because a
+publisher waiting for a broker that is down (or for the worker's publish) must never stall the
+consumer's I/O thread.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from shared.metrics import PupilMetrics
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
+
+# How often the keepalive thread wakes up to send a due heartbeat or pump the publisher.
+KEEPALIVE_INTERVAL_S = 1.0
 
 
 class PupilService:
@@ -67,12 +76,15 @@ class PupilService:
             self._report_refusal(delivery, str(exc))
             raise
         self.metrics.record_lesson(outcome.report, outcome.replayed)
+        if outcome.reported:
+            return  # the broker confirmed this report before: only the ack was lost
         self.publisher.publish(
             self.topology.reports_exchange,
             self.topology.REPORT_KEY,
             outcome.report,
             f"{outcome.lesson_id}:{self.node.node_id}",
         )
+        self.node.mark_reported(outcome.lesson_id)
 
     def _report_refusal(self, delivery: Delivery, reason: str) -> None:
         # Tell the master why this node will never do the lesson, so nobody waits for it.
@@ -93,7 +105,7 @@ class PupilService:
         )
 
     def tick(self) -> None:
-        """Runs on the consumer's I/O thread: heartbeat when due, keep the publisher alive."""
+        """Runs on the keepalive thread: heartbeat when due, else keep the publisher alive."""
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.node.config.heartbeat_interval_s
@@ -103,6 +115,10 @@ class PupilService:
                 log.warning("heartbeat failed: %s", exc)
         else:
             self.publisher.pump()
+
+    def _keepalive(self) -> None:
+        while not self.stop.wait(KEEPALIVE_INTERVAL_S):
+            self.tick()
 
     def run(self) -> None:
         """Say hello, consume lessons until stopped, say goodbye."""
@@ -114,14 +130,16 @@ class PupilService:
             [self.topology.pupil_queue(self.node.node_id)],
             self.handle,
             declare=self._declare,
-            on_tick=self.tick,
-            tick_interval_s=1.0,
             on_dead_letter=lambda _delivery, reason: self.metrics.rejected("lessons", reason),
         )
         self.metrics.watch_connection(consumer.connected)
+        keepalive = threading.Thread(target=self._keepalive, name="keepalive", daemon=True)
+        keepalive.start()
         try:
             consumer.run(self.stop)
         finally:
+            self.stop.set()  # the consumer may also end by raising: the keepalive must end too
+            keepalive.join(timeout=10)
             try:
                 self._control(Goodbye(node=self.node.info()))
             except Exception as exc:

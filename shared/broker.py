@@ -1,8 +1,12 @@
-"""RabbitMQ on pika: connections with bounded reconnects, a confirming publisher, a consumer.
+"""RabbitMQ on pika: connections that retry with capped backoff, a confirming publisher, a consumer.
+
+Connecting: a service's first connection gets ``broker.connect_attempts`` tries (fail fast on a
+wrong URL); once it has been connected, a lost broker is waited for until the service stops
+(docs/decisions.md, section 18).
 
 Threading follows pika's rule of one connection per thread, with one exception made safe by a
 lock: the :class:`Publisher` serialises every use of its connection, so a worker thread and a
-heartbeat tick may share it. The :class:`Consumer` keeps its connection on the thread that calls
+keepalive thread may share it. The :class:`Consumer` keeps its connection on the thread that calls
 :meth:`Consumer.run` (so heartbeats keep flowing while a lesson takes minutes) and hands deliveries
 to one worker thread; the worker's ack travels back through ``add_callback_threadsafe``.
 
@@ -93,10 +97,18 @@ def connection_parameters(config: BrokerConfig) -> pika.URLParameters:
     return params
 
 
-def connect(config: BrokerConfig, stop: threading.Event | None = None) -> BlockingConnection:
-    """Open a connection, retrying with bounded backoff; raise ConnectionClosed after the last try.
+def connect(
+    config: BrokerConfig, stop: threading.Event | None = None, *, until_stopped: bool = False
+) -> BlockingConnection:
+    """Open a connection, retrying with capped, jittered backoff.
 
-    Authentication and TLS failures are not retried: a wrong password or a certificate that does
+    By default at most ``config.connect_attempts`` tries, then ConnectionClosed: a service that
+    cannot reach the broker when it *starts* is most likely misconfigured, and says so at once.
+    ``until_stopped=True`` is for a service that was connected before: losing the broker then is
+    an outage (a restart, a network cut), so it keeps trying every ``config.max_backoff_s`` at most
+    until the broker is back or ``stop`` is set (ConnectionClosed then too).
+
+    Authentication and TLS failures are never retried: a wrong password or a certificate that does
     not verify does not get better with time.
     """
     params = connection_parameters(config)
@@ -104,10 +116,13 @@ def connect(config: BrokerConfig, stop: threading.Event | None = None) -> Blocki
     params.blocked_connection_timeout = 300
     params.connection_attempts = 1
     delays = backoff_delays(config.max_backoff_s)
+    limit = "until stopped" if until_stopped else str(config.connect_attempts)
     last_error: Exception | None = None
-    for attempt in range(1, config.connect_attempts + 1):
+    attempt = 0
+    while until_stopped or attempt < config.connect_attempts:
+        attempt += 1
         if stop is not None and stop.is_set():
-            break
+            raise ConnectionClosed(f"stopped while connecting to RabbitMQ at {redact(config.url)}")
         try:
             return pika.BlockingConnection(params)
         except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError) as exc:
@@ -122,13 +137,13 @@ def connect(config: BrokerConfig, stop: threading.Event | None = None) -> Blocki
             ) from None
         except _CONNECTION_ERRORS as exc:
             last_error = exc
-            if attempt < config.connect_attempts:
+            if until_stopped or attempt < config.connect_attempts:
                 delay = next(delays)
                 log.warning(
-                    "cannot reach RabbitMQ at %s (attempt %d/%d): %r; retrying in %.1fs",
+                    "cannot reach RabbitMQ at %s (attempt %d/%s): %r; retrying in %.1fs",
                     redact(config.url),
                     attempt,
-                    config.connect_attempts,
+                    limit,
                     exc,
                     delay,
                 )
@@ -167,7 +182,9 @@ class Publisher:
     """Publishes persistent messages with publisher confirms, reconnecting when needed.
 
     ``publish`` returns only after the broker confirmed the message, so a caller that acks its
-    own input afterwards never loses what it produced.
+    own input afterwards never loses what it produced. The first connection gets
+    ``broker.connect_attempts`` tries; once connected, a lost broker is waited for until ``stop``
+    is set (see :func:`connect`).
     """
 
     def __init__(
@@ -182,12 +199,14 @@ class Publisher:
         self._lock = threading.Lock()
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._connected_once = False
 
     def _ensure_channel(self) -> BlockingChannel:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self._drop()
-        self._connection = connect(self._config, self._stop)
+        self._connection = connect(self._config, self._stop, until_stopped=self._connected_once)
+        self._connected_once = True
         channel = self._connection.channel()
         channel.confirm_delivery()
         if self._declare is not None:
@@ -213,7 +232,7 @@ class Publisher:
         """Publish and wait for the broker's confirm; retry on a fresh connection if it drops.
 
         Raises PublishNotConfirmed when the broker nacks or (with ``mandatory``) no queue is bound,
-        and ConnectionClosed when every attempt failed.
+        and ConnectionClosed when every attempt failed or ``stop`` was set while reconnecting.
         """
         last_error: Exception | None = None
         with self._lock:
@@ -279,6 +298,33 @@ class Requeue(DistillSwarmError):
 Handler = Callable[[Delivery], None]
 
 
+class _ConsumerLost(Exception):
+    """The connection is up but our channel or a consumer on it is gone: start afresh."""
+
+
+def _check_consuming(channel: BlockingChannel, consumers: int) -> None:
+    """Raise _ConsumerLost if the broker closed ``channel`` or cancelled one of its consumers.
+
+    pika's ``connection.process_data_events`` does not raise when the broker closes one channel
+    of a live connection, so without this check a consumer whose channel RabbitMQ closed (e.g.
+    for exceeding ``consumer_timeout`` with an unacked delivery, 406 PRECONDITION_FAILED) would
+    sit on a healthy connection receiving nothing, forever. A consumer cancelled by the broker
+    (``basic.cancel``: its queue was deleted, or a newer RabbitMQ's consumer timeout) is treated
+    the same way.
+    """
+    if channel.is_closed:
+        # pika keeps the broker's reply (code and text) only on a private attribute; it is worth
+        # reading for the log line, and its absence costs nothing.
+        reason = getattr(channel, "_closing_reason", None)
+        raise _ConsumerLost(f"the broker closed the consumer channel: {reason!r}")
+    if len(channel.consumer_tags) < consumers:
+        raise _ConsumerLost("the broker cancelled a consumer")
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, _ConsumerLost) else repr(exc)
+
+
 class Consumer:
     """Consumes one or more queues with manual acks; one worker thread runs the handler.
 
@@ -315,12 +361,14 @@ class Consumer:
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._requeue_delays = backoff_delays(config.max_backoff_s)
+        self._connected_once = False
         self.connected = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting with backoff when the broker goes away.
 
-        Raises ConnectionClosed if the broker stays unreachable for every connect attempt.
+        Raises ConnectionClosed only if the *first* connection fails ``broker.connect_attempts``
+        times; after that, the broker is waited for until ``stop`` is set.
         """
         worker = threading.Thread(target=self._work_loop, name="consumer-worker", daemon=True)
         worker.start()
@@ -328,19 +376,34 @@ class Consumer:
             while not stop.is_set():
                 try:
                     self._consume_until_closed(stop)
-                except _CONNECTION_ERRORS + _CHANNEL_ERRORS as exc:
+                except ConnectionClosed:
+                    if stop.is_set():
+                        break  # stopped while waiting for the broker: a clean exit
+                    raise
+                except (*_CONNECTION_ERRORS, *_CHANNEL_ERRORS, _ConsumerLost) as exc:
                     self.connected.clear()
                     self._generation += 1  # deliveries of the old channel can no longer be acked
-                    log.warning("lost the broker connection (%r); reconnecting", exc)
+                    log.warning("lost the broker connection (%s); reconnecting", _describe(exc))
         finally:
             self.connected.clear()
             self._work.put(None)
             worker.join(timeout=60)
+            self._flush_settlements()
             self._close()
+
+    def _flush_settlements(self) -> None:
+        # The worker's last ack waits as a callback for the I/O loop, which has stopped: run it,
+        # so that a clean stop after the lesson in hand does not leave that lesson to be redone
+        # (replayed from the journal) after the restart.
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(*_CONNECTION_ERRORS, *_CHANNEL_ERRORS):
+                connection.process_data_events(time_limit=0)
 
     def _consume_until_closed(self, stop: threading.Event) -> None:
         self._close()
-        self._connection = connect(self._config, stop)
+        self._connection = connect(self._config, stop, until_stopped=self._connected_once)
+        self._connected_once = True
         channel = self._connection.channel()
         channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._declare(channel)
@@ -353,6 +416,7 @@ class Consumer:
         next_tick = time.monotonic()
         while not stop.is_set():
             self._connection.process_data_events(time_limit=POLL_INTERVAL_S)
+            _check_consuming(channel, len(self._queues))
             if self._on_tick is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self._tick_interval_s
                 self._on_tick()

@@ -79,7 +79,11 @@ def test_a_redelivered_lesson_is_not_trained_twice(
     first = node.process(delivery)
     again = node.process(delivery)
     assert not first.replayed and again.replayed
-    assert again.report == first.report  # the same report goes out again; the master dedupes
+    # Not confirmed yet: the same report goes out again; the master dedupes.
+    assert again.report == first.report and not again.reported
+    node.mark_reported("l1")
+    # Confirmed: the redelivery is only acked, nothing goes on the wire again.
+    assert node.process(delivery).reported
     assert node.trainer.version == 1
     report = report_of(first.report)
     assert report.trained and len(report.losses) == 3

@@ -1,0 +1,65 @@
+"""Every fault scenario, in the order the test suite and ``bench/faults.py`` run them.
+
+A scenario is a driver ``run(broker, workdir) -> FaultResult`` and the kind of private broker it
+needs: ``plain`` (defaults; one node can serve every such scenario in turn) or ``timeout`` (a
+lowered ``consumer_timeout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from distill_swarm.local_broker import LocalBroker
+from tests.faults.broker_faults import (
+    TIMEOUT_ADVANCED_CONFIG,
+    TIMEOUT_CONFIG,
+    broker_restarted,
+    slower_than_consumer_timeout,
+)
+from tests.faults.input_faults import bad_input, corrupt_checkpoint
+from tests.faults.process_faults import (
+    master_killed_mid_run,
+    pupil_killed_mid_lesson,
+    pupil_offline_backlog,
+)
+from tests.faults.result import FaultResult
+
+BrokerKind = Literal["plain", "timeout"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault scenario: its driver and the broker it runs on."""
+
+    key: str
+    run: Callable[[LocalBroker, Path], FaultResult]
+    broker: BrokerKind = "plain"
+
+
+SCENARIOS = (
+    Scenario("pupil-kill", pupil_killed_mid_lesson),
+    Scenario("broker-restart", broker_restarted),
+    Scenario("master-kill", master_killed_mid_run),
+    Scenario("pupil-offline", pupil_offline_backlog),
+    Scenario("consumer-timeout", slower_than_consumer_timeout, "timeout"),
+    Scenario("bad-input", bad_input),
+    Scenario("corrupt-checkpoint", corrupt_checkpoint),
+)
+
+
+def start_broker(kind: BrokerKind) -> LocalBroker:
+    """A private RabbitMQ node of the given kind, not started yet (use it as a context manager)."""
+    if kind == "timeout":
+        return LocalBroker(TIMEOUT_CONFIG, advanced_config=TIMEOUT_ADVANCED_CONFIG)
+    return LocalBroker()
+
+
+@contextmanager
+def private_brokers(kinds: set[BrokerKind]) -> Iterator[dict[BrokerKind, LocalBroker]]:
+    """One running private broker per kind, stopped and deleted afterwards."""
+    with ExitStack() as stack:
+        yield {kind: stack.enter_context(start_broker(kind)) for kind in sorted(kinds)}
