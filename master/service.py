@@ -69,6 +69,7 @@ class MasterService:
         if delivery.queue == self.topology.reports_queue:
             report = decode(delivery.body, Report)
             assert isinstance(report, Report)
+            self._check_identity(report.node_id, delivery)
             new = self.store.add_report(report)
             self.metrics.record_report(report, new)
             if new:
@@ -85,6 +86,8 @@ class MasterService:
                 )
             return
         message = decode(delivery.body)
+        if isinstance(message, Hello | Heartbeat | Goodbye):
+            self._check_identity(message.node.node_id, delivery)
         if isinstance(message, Hello | Heartbeat):
             self.store.touch_node(message.node, "online")
             self.metrics.record_node(message.node, online=True)
@@ -93,6 +96,10 @@ class MasterService:
             self.metrics.record_node(message.node, online=False)
         else:
             raise DecodeError(f"unexpected {message.kind} message on the control queue")
+
+    def _check_identity(self, node_id: str, delivery: Delivery) -> None:
+        if self.settings.master.verify_node_identity:
+            check_identity(node_id, delivery.properties.user_id)
 
     # -- publishing (publisher thread) ------------------------------------------------------
 
@@ -196,6 +203,16 @@ class MasterService:
     def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
         queue = "reports" if delivery.queue == self.topology.reports_queue else "control"
         self.metrics.rejected(queue, reason)
+
+
+def check_identity(node_id: str, user_id: str | None) -> None:
+    """Refuse a message whose sender (the broker-validated AMQP user) is not the node it names.
+
+    Raises DecodeError, so the message is dead-lettered with the reason.
+    """
+    if user_id != node_id:
+        sender = "no user_id" if user_id is None else f"broker user '{user_id}'"
+        raise DecodeError(f"message claims node '{node_id}' but was published by {sender}")
 
 
 def _fmt(value: float | None) -> str:

@@ -40,6 +40,7 @@ from shared.errors import (
     DecodeError,
     DistillSwarmError,
     PublishNotConfirmed,
+    one_line,
 )
 from shared.messages import MAX_MESSAGE_BYTES
 from shared.tls import ssl_options, uses_tls_settings
@@ -78,6 +79,16 @@ def redact(url: str) -> str:
     password differs from the decoded one a parser returns.
     """
     return _USERINFO_PASSWORD.sub(r"\g<head>***@", url, count=1)
+
+
+def broker_user(url: str) -> str | None:
+    """The user name a URL authenticates as, or None (no credentials, or not parseable)."""
+    try:
+        credentials = pika.URLParameters(url).credentials
+    except ValueError:
+        return None
+    username = getattr(credentials, "username", None)
+    return username or None
 
 
 def connection_parameters(config: BrokerConfig) -> pika.URLParameters:
@@ -196,6 +207,9 @@ class Publisher:
         self._config = config
         self._declare = declare
         self._stop = stop
+        # Every message carries the broker user it was sent as. RabbitMQ refuses a user_id that
+        # differs from the connection's user, so a receiver can trust it to say who sent what.
+        self._user_id = broker_user(config.url)
         self._lock = threading.Lock()
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -243,7 +257,7 @@ class Publisher:
                         exchange,
                         routing_key,
                         body,
-                        properties(message_id, headers, **props),
+                        properties(message_id, headers, **{"user_id": self._user_id, **props}),
                         mandatory=mandatory,
                     )
                     return
@@ -499,6 +513,7 @@ class Consumer:
             self._dead_letter(channel, delivery, reason)
 
     def _dead_letter(self, channel: BlockingChannel, delivery: Delivery, reason: str) -> None:
+        reason = one_line(reason)  # it may quote the message itself, or any exception's text
         log.warning(
             "dead-lettering message %s from %s: %s", delivery.message_id, delivery.queue, reason
         )

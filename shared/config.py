@@ -123,6 +123,10 @@ class MasterConfig(_Section):
     # Measure the master's self-agreement on eval lessons (one extra generation each unless the
     # master decodes greedily): the ceiling every similarity figure is read against.
     ceiling: bool = True
+    # Accept a report or control message only if the broker-validated AMQP user_id it carries
+    # equals the node id it claims. Needs one broker user per node (`distill-swarm node add`);
+    # off by default because local development shares one user (docs/security.md).
+    verify_node_identity: bool = False
     # Prometheus /metrics over HTTP (0 turns it off). Loopback by default: the compose stack sets
     # 0.0.0.0 so its Prometheus container can scrape the master over the compose network.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

@@ -7,6 +7,19 @@ what to do about it.
 
 from __future__ import annotations
 
+import re
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``), safe for a log line or a header.
+
+    Error reasons can quote attacker-controlled input (a field name, a key): a newline there must
+    not forge a second log record or break the one-line promise of the dead-letter reason.
+    """
+    return _CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class DistillSwarmError(Exception):
     """Base class of every error this project raises on purpose."""

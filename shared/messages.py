@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.errors import DecodeError
+from shared.errors import DecodeError, one_line
 
 SCHEMA_VERSION = 1
 
@@ -260,4 +260,4 @@ def _summarise(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "message"
         parts.append(f"{where}: {err['msg']}")
     more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
-    return "invalid message: " + "; ".join(parts) + more
+    return one_line("invalid message: " + "; ".join(parts) + more)

@@ -16,15 +16,17 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import pika
 import pika.exceptions as pex
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from distill_swarm.local_broker import LocalBroker
 from master.access import PUPIL_TAG, ManagementAPI, add_node, pupil_permissions, remove_node
+from master.service import check_identity
 from shared.broker import Consumer, Delivery, Publisher, connect
 from shared.config import BrokerConfig
-from shared.errors import BrokerError
+from shared.errors import BrokerError, DecodeError
 from shared.messages import (
     MAX_MESSAGE_BYTES,
     Embedding,
@@ -239,6 +241,33 @@ def test_a_node_learns_and_reports_without_rights_on_shared_exchanges(swarm: Swa
     assert decode(body, Report) == report
     body, _ = get_one(swarm.admin(), TOPOLOGY.control_queue)
     assert decode(body, Heartbeat) == beat
+
+
+def test_a_node_cannot_speak_for_another_node(swarm: Swarm) -> None:
+    report = Report(lesson_id="l-who", node_id="node-b", split="eval", pupil_model="p")
+    body = encode(report)
+    # Forging the broker-validated sender is refused by RabbitMQ itself...
+    forged = pika.BasicProperties(user_id="node-b", delivery_mode=2)
+    publish = op("basic_publish", TOPOLOGY.reports_exchange, TOPOLOGY.REPORT_KEY, body, forged)
+    assert refused(swarm.config("node-a"), publish) == 406  # PRECONDITION_FAILED
+    # ...so a report naming node-b but sent by node-a carries user_id node-a, and the master
+    # (with master.verify_node_identity) dead-letters it, while node-b's own reports pass.
+    for sender in ("node-a", "node-b"):
+        node = Publisher(swarm.config(sender))
+        try:
+            node.publish(TOPOLOGY.reports_exchange, TOPOLOGY.REPORT_KEY, body, f"r-{sender}")
+        finally:
+            node.close()
+        with channel_of(swarm.admin()) as channel:
+            wait_for(lambda: channel.queue_declare(TOPOLOGY.reports_queue, passive=True)
+                     .method.message_count > 0)  # fmt: skip
+            _, props, got = channel.basic_get(TOPOLOGY.reports_queue, auto_ack=True)
+        assert props.user_id == sender and decode(got, Report) == report
+        if sender == "node-a":
+            with pytest.raises(DecodeError, match="claims node 'node-b' but was published by"):
+                check_identity(report.node_id, props.user_id)
+        else:
+            check_identity(report.node_id, props.user_id)
 
 
 def test_declaring_exchanges_as_a_node_fails_once_with_what_to_do(swarm: Swarm) -> None:

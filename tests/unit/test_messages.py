@@ -172,3 +172,11 @@ def test_bad_node_id_is_refused() -> None:
             embedding_model="e",
             embedding_dim=3,
         )
+
+
+def test_a_reason_quoting_hostile_input_stays_on_one_line() -> None:
+    raw = as_raw(encode(Report(lesson_id="l", node_id="n", split="eval", pupil_model="m")))
+    raw["guided"] = {"x\nERROR forged log line": 0.5}
+    with pytest.raises(DecodeError) as info:
+        decode(json.dumps(raw).encode())
+    assert "\n" not in str(info.value) and "\\n" in str(info.value)
