@@ -532,8 +532,9 @@ class Consumer:
         except (pex.UnroutableError, pex.NackError):
             # Let RabbitMQ's own DLX take it (no reason header, but nothing is lost).
             channel.basic_nack(delivery.delivery_tag, requeue=False)
-            return
-        channel.basic_ack(delivery.delivery_tag)
+        else:
+            channel.basic_ack(delivery.delivery_tag)
+        # Either way the message was rejected, and the counters should say so.
         if self._on_dead_letter is not None:
             self._on_dead_letter(delivery, reason)
 
