@@ -48,6 +48,7 @@ class MasterService:
         self.store = store
         self.prompts = prompts
         self.metrics = metrics or MasterMetrics(settings.master.metrics_max_nodes)
+        restore_metrics(store, self.metrics)
         self.teacher = Teacher(
             settings.master,
             self.metrics.timed_generator(generator),
@@ -203,6 +204,17 @@ class MasterService:
     def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
         queue = "reports" if delivery.queue == self.topology.reports_queue else "control"
         self.metrics.rejected(queue, reason)
+
+
+def restore_metrics(store: Store, metrics: MasterMetrics) -> None:
+    """Re-export every known node's latest figures from the store (after a master restart)."""
+    for row in store.node_status():
+        info = store.node_info(row.node_id)
+        if info is None:
+            continue
+        last_seen_s = datetime.fromisoformat(row.last_seen).timestamp()
+        online = row.state == "online"
+        metrics.restore_node(info, online, last_seen_s, store.latest_reports(row.node_id))
 
 
 def check_identity(node_id: str, user_id: str | None) -> None:

@@ -303,6 +303,23 @@ class Store:
                 (info.node_id, info.model_dump_json(), state, now, now),
             )
 
+    def latest_reports(self, node_id: str) -> list[Report]:
+        """The node's latest successful train report (with losses) and latest eval report."""
+        out = []
+        for condition in ("split='train' AND trained=1 AND final_loss IS NOT NULL", "split='eval'"):
+            row = (
+                self._db()
+                .execute(
+                    f"SELECT body FROM reports WHERE node_id=? AND error IS NULL AND {condition} "
+                    "ORDER BY received_at DESC, rowid DESC LIMIT 1",
+                    (node_id,),
+                )
+                .fetchone()
+            )
+            if row is not None:
+                out.append(Report.model_validate_json(row["body"]))
+        return out
+
     def node_info(self, node_id: str) -> NodeInfo | None:
         """What the node said about itself last, or None if it never spoke."""
         row = self._db().execute("SELECT info FROM nodes WHERE node_id=?", (node_id,)).fetchone()

@@ -348,6 +348,29 @@ class MasterMetrics(ServiceMetrics):
         self.reports_ingested.labels(node, "ok" if report.error is None else "error").inc()
         self.figures.record(report, node)
 
+    def restore_node(
+        self, info: NodeInfo, online: bool, last_seen_s: float, latest: list[Report]
+    ) -> None:
+        """Set a node's gauges from the store after a master restart.
+
+        Only gauges move: counters and histograms describe this process, and replaying old
+        reports into them would count work twice. Without this, a node that died before the
+        restart would have no last-seen gauge, and the node-silent alert could never fire for it.
+        """
+        node = self.node_label(info.node_id)
+        self.node_last_seen.labels(node).set(last_seen_s)
+        self.node_online.labels(node).set(1.0 if online else 0.0)
+        self.node_lessons_done.labels(node).set(info.lessons_done)
+        self.node_adapter_version.labels(node).set(info.adapter_version)
+        for report in latest:
+            if report.error is not None:
+                continue
+            if report.trained and report.losses:
+                self.figures.loss.labels(node).set(report.losses[-1])
+            if report.split == "eval":
+                for method, value in heldout_figures(report).items():
+                    self.figures.heldout.labels(node, method).set(value)
+
     def record_node(self, info: NodeInfo, online: bool) -> None:
         """Record a hello or heartbeat (``online``) or a goodbye."""
         node = self.node_label(info.node_id)

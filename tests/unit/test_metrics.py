@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -12,6 +14,8 @@ import pika
 import pytest
 from prometheus_client import CollectorRegistry
 
+from master.service import restore_metrics
+from master.store import Store
 from pupil_node.node import PupilNode
 from shared.backends import GenerationParams
 from shared.broker import Consumer, Delivery
@@ -283,3 +287,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_restarted_master_re_exports_every_known_node_from_its_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "master.sqlite3")
+    info = NodeInfo(node_id="pi-7", software_version="1", pupil_model="p", embedding_model="e",
+                    embedding_dim=2, adapter_version=3, lessons_done=5)  # fmt: skip
+    store.touch_node(info, "offline")
+    store.add_report(
+        Report(lesson_id="t1", node_id="pi-7", split="train", pupil_model="p", trained=True,
+               losses=[0.5, 0.125], adapter_version=3)
+    )  # fmt: skip
+    store.add_report(
+        Report(lesson_id="e1", node_id="pi-7", split="eval", pupil_model="p",
+               similarity_before=0.25, similarity_adapted=0.5, guided={"retrieval": 0.75})
+    )  # fmt: skip
+    metrics = MasterMetrics()
+    restore_metrics(store, metrics)
+    r = metrics.registry
+    last_seen = value(r, "distill_swarm_node_last_seen_timestamp_seconds", node="pi-7")
+    assert last_seen is not None and abs(last_seen - time.time()) < 60
+    assert value(r, "distill_swarm_node_online", node="pi-7") == 0.0
+    assert value(r, "distill_swarm_node_adapter_version", node="pi-7") == 3
+    assert value(r, "distill_swarm_node_adapter_loss", node="pi-7") == 0.125
+    heldout = "distill_swarm_node_heldout_similarity"
+    assert value(r, heldout, node="pi-7", method="retrieval") == 0.75
+    assert value(r, heldout, node="pi-7", method="plain") == 0.25
+    # Only gauges: nothing was counted again.
+    assert value(r, "distill_swarm_reports_ingested_total", node="pi-7", result="ok") is None
