@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,6 +14,7 @@ from shared.config import BrokerConfig
 from shared.errors import PublishNotConfirmed
 from shared.messages import Embedding, Lesson, decode, encode
 from shared.topology import ORIGIN_QUEUE_HEADER, REASON_HEADER, Topology
+from tests.support.private_broker import wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -30,14 +30,6 @@ def lesson(n: int) -> Lesson:
         reference=Embedding(model="e", dim=2, values=[1.0, 0.0]),
         split="train",
     )
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def get_all(config: BrokerConfig, queue: str) -> list[tuple[bytes, dict[str, object]]]:
@@ -140,7 +132,7 @@ def test_poison_message_is_dead_lettered_with_reason_and_consuming_goes_on(
     publisher.close()
 
     with consuming(broker_config, "a", handler):
-        wait_for(lambda: len(handled) == 2)
+        wait_for(lambda: len(handled) == 2, 20.0)
         dead = drain_until(broker_config, topology.dead_queue, 2)
     assert handled == ["l1", "l2"]
     reasons = {body: headers[REASON_HEADER] for body, headers in dead}

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from distill_swarm.local_broker import LocalBroker, find_rabbitmq_server, port_open
+from distill_swarm.local_broker import LocalBroker, port_open
 from shared.broker import connect
 from shared.config import BrokerConfig
 from shared.topology import Topology
+from tests.support.private_broker import require_rabbitmq_server
 
 pytestmark = pytest.mark.broker
 
 
 def test_private_broker_serves_and_cleans_up() -> None:
-    if find_rabbitmq_server() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("rabbitmq-server is not installed on the CI machine")
-        pytest.skip("rabbitmq-server is not installed")
+    require_rabbitmq_server()
     broker = LocalBroker()
     with broker:
         assert broker.port != 5672

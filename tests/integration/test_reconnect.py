@@ -5,38 +5,27 @@ Runs against a private RabbitMQ node so that closing all its connections disturb
 
 from __future__ import annotations
 
-import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-from distill_swarm.local_broker import LocalBroker, find_rabbitmq_server
+from distill_swarm.local_broker import LocalBroker
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import BrokerConfig
 from shared.messages import Embedding, Lesson, decode, encode
 from shared.topology import Topology
+from tests.support.private_broker import require_rabbitmq_server, wait_for
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(scope="module")
 def private_broker() -> Iterator[LocalBroker]:
-    if find_rabbitmq_server() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("rabbitmq-server is not installed on the CI machine")
-        pytest.skip("rabbitmq-server is not installed")
+    require_rabbitmq_server()
     with LocalBroker() as broker:
         yield broker
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def lesson(n: int) -> Lesson:
