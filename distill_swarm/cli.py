@@ -1,4 +1,4 @@
-"""The `distill-swarm` command: master, pupil, status and the local demo.
+"""The `distill-swarm` command: master, pupil, status, jobs and the local demo.
 
 This module only composes the two roles' command groups; `master/` and `pupil_node/` never import
 each other.
@@ -26,6 +26,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so `distill-swarm pupil` on a Pi never imports the master's modules' deps.
+    from distill_swarm.jobs_cli import jobs, submit
     from master.cli import app as master_app
     from master.cli import evaluate, status
     from master.node_cli import app as node_app
@@ -36,6 +37,8 @@ def _register() -> None:
     app.add_typer(node_app, name="node")
     app.command("status")(status)
     app.command("eval")(evaluate)
+    app.command("submit")(submit)
+    app.command("jobs")(jobs)
 
 
 @app.command("demo")

@@ -6,7 +6,9 @@ One user per pupil node, allowed exactly what the pupil service does and nothing
 - configure: its own queue only (declare it; it cannot delete or redeclare shared exchanges);
 - write: its own queue (binding it), the reports and control exchanges (publishing) and the
   dead-letter exchange (its queue's DLX, and where it dead-letters what it cannot decode);
-- read: its own queue (consuming) and the lessons exchange (binding its queue to it).
+- read: its own queue (consuming), the lessons exchange (binding its queue to it) and the shared
+  queue of every offloadable job kind (consuming jobs; the master declares those queues, and a
+  critical kind has none).
 
 Users made here carry the tag :data:`PUPIL_TAG`, so ``remove_node`` can refuse to delete a user it
 did not make (the admin's or the master's, say). Passwords are never logged or put in an error.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import BrokerError, ConfigError
+from shared.jobs import OFFLOADABLE
 from shared.topology import Topology
 
 # A management tag with no meaning to RabbitMQ: it grants nothing and marks the user as ours.
@@ -63,7 +66,9 @@ def pupil_permissions(topology: Topology, node_id: str) -> Permissions:
         write=_one_of(
             [own, topology.reports_exchange, topology.control_exchange, topology.dead_exchange]
         ),
-        read=_one_of([own, topology.lessons_exchange]),
+        read=_one_of(
+            [own, topology.lessons_exchange, *(topology.job_queue(k) for k in OFFLOADABLE)]
+        ),
     )
 
 

@@ -48,15 +48,13 @@ def run(
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
 ) -> None:
-    """Publish lessons from a prompt set and ingest the pupils' reports."""
+    """Publish lessons from a prompt set, ingest the pupils' reports, dispatch jobs."""
     setup_logging(log_level)
     settings = settings_from(
         config,
         {"master.prompts": prompts, "master.store": store, "master.expect_nodes": expect_nodes},
     )
     cfg = settings.master
-    if cfg.prompts is None:
-        fail("no prompt set: give --prompts FILE or set master.prompts")
     # Signals first: a SIGTERM while the models load must still end in a clean exit.
     stop = threading.Event()
     stop_on_signals(stop)
@@ -64,7 +62,8 @@ def run(
     metrics = MasterMetrics(cfg.metrics_max_nodes)
     serve(metrics.registry, cfg.metrics_addr, cfg.metrics_port)
     with exit_on_errors():
-        items = load_prompts(cfg.prompts)
+        # Without a prompt set the master teaches nothing and serves jobs and reports only.
+        items = load_prompts(cfg.prompts) if cfg.prompts is not None else []
         generator = generator_from(cfg.generator)
         embedder = embedder_from(cfg.embedder)
         service = MasterService(

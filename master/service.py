@@ -1,9 +1,11 @@
-"""The master service: publish lessons, ingest reports, track nodes.
+"""The master service: publish lessons, ingest reports, track nodes, dispatch jobs.
 
-Two threads, each with its own broker connection:
+Three threads, each with its own broker connection:
 - the *consumer* (the caller's thread) ingests reports and hello/heartbeat/goodbye messages;
 - the *publisher* thread waits for the expected pupils, then answers each prompt with the master
-  model and publishes the lesson, skipping lessons an earlier run already published.
+  model and publishes the lesson, skipping lessons an earlier run already published;
+- the *jobs* thread runs the :class:`~master.jobs.JobDispatcher` (which starts two more: deadlines
+  and the master's own job answers).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+from master.identity import check_identity
+from master.job_store import JobStore
+from master.jobs import JobDispatcher, MasterAnswerer
 from master.prompts import PromptItem
 from master.store import Store
 from master.teacher import Teacher
@@ -20,6 +25,7 @@ from shared.backends import Embedder, TextGenerator
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
 from shared.errors import DecodeError, DistillSwarmError
+from shared.job_metrics import MasterJobMetrics
 from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
 from shared.metrics import MasterMetrics
 from shared.topology import Topology
@@ -44,7 +50,11 @@ class MasterService:
         metrics: MasterMetrics | None = None,
     ) -> None:
         self.settings = settings
-        self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
+        self.topology = Topology(
+            settings.broker.namespace,
+            settings.broker.quorum_queues,
+            settings.master.jobs.offloaded,
+        )
         self.store = store
         self.prompts = prompts
         self.metrics = metrics or MasterMetrics(settings.master.metrics_max_nodes)
@@ -56,6 +66,15 @@ class MasterService:
             store,
         )
         self.stop = stop or threading.Event()
+        self.jobs = JobDispatcher(
+            settings,
+            JobStore(store),
+            MasterAnswerer(settings, self.metrics.timed_generator(generator)),
+            embedder,
+            MasterJobMetrics(self.metrics.registry, self.metrics.node_label),
+            self.stop,
+            rejected=self.metrics.rejected,
+        )
         self.lesson_ids: list[str] = []
         self.publishing_done = threading.Event()
         self.failure: BaseException | None = None
@@ -175,6 +194,13 @@ class MasterService:
                 self.failure = exc
                 self.stop.set()
 
+        def serve_jobs() -> None:
+            try:
+                self.jobs.run()
+            except BaseException as exc:
+                self.failure = self.failure or exc
+                self.stop.set()
+
         def tick() -> None:
             if exit_when_done and self.complete():
                 log.info("every report is in; stopping")
@@ -194,10 +220,18 @@ class MasterService:
             on_dead_letter=self._dead_lettered,
         )
         self.metrics.watch_connection(consumer.connected)
-        thread = threading.Thread(target=publish, name="publisher", daemon=True)
-        thread.start()
-        consumer.run(self.stop)
-        thread.join(timeout=10)
+        threads = [
+            threading.Thread(target=publish, name="publisher", daemon=True),
+            threading.Thread(target=serve_jobs, name="jobs", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            consumer.run(self.stop)
+        finally:
+            self.stop.set()  # the consumer may end by raising: the other threads must end too
+            for thread in threads:
+                thread.join(timeout=10)
         if self.failure is not None:
             raise self.failure
 
@@ -215,16 +249,6 @@ def restore_metrics(store: Store, metrics: MasterMetrics) -> None:
         last_seen_s = datetime.fromisoformat(row.last_seen).timestamp()
         online = row.state == "online"
         metrics.restore_node(info, online, last_seen_s, store.latest_reports(row.node_id))
-
-
-def check_identity(node_id: str, user_id: str | None) -> None:
-    """Refuse a message whose sender (the broker-validated AMQP user) is not the node it names.
-
-    Raises DecodeError, so the message is dead-lettered with the reason.
-    """
-    if user_id != node_id:
-        sender = "no user_id" if user_id is None else f"broker user '{user_id}'"
-        raise DecodeError(f"message claims node '{node_id}' but was published by {sender}")
 
 
 def _fmt(value: float | None) -> str:

@@ -8,6 +8,7 @@ cross threads); WAL mode lets the CLI read while the service writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import threading
@@ -135,6 +136,14 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, for a sibling store of the same file (master/job_store)."""
+        return self._db()
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT) on this thread's connection."""
+        return self._tx()
 
     def close(self) -> None:
         """Close this thread's connection."""

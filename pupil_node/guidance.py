@@ -66,6 +66,14 @@ class Guide:
         self.memory = memory
         self.predict_master = predict_master
 
+    def limited(self, max_tokens: int) -> Guide:
+        """The same guide with answers capped at ``max_tokens`` (a job kind's cap)."""
+        params = replace(self.params, max_tokens=min(max_tokens, self.params.max_tokens))
+        return Guide(
+            self.config, self.generator_config, self.generator, self.embedder, params,
+            self.memory, self.predict_master,
+        )  # fmt: skip
+
     def prompt(self, goal: Goal, examples: Sequence[tuple[str, str]] = ()) -> str:
         """The pupil's prompt for ``goal``, with optional worked examples."""
         return render_prompt(

@@ -7,6 +7,7 @@ so an eval prompt can never be answered with its own master answer as an "exampl
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ class LessonMemory:
     def __init__(self, path: Path, dim: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        # Used from the consumer's worker thread only.
+        # Written by the lesson worker, read by the job worker too: the lock serialises both.
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -58,29 +60,33 @@ class LessonMemory:
 
     def add(self, lesson_id: str, goal_text: str, master_answer: str, goal_vec: np.ndarray) -> None:
         """Remember a trained lesson (idempotent)."""
-        if lesson_id in self._ids:
-            return
         vec = _unit(np.asarray(goal_vec, dtype=np.float32).reshape(self.dim))
-        self._db.execute(
-            "INSERT OR IGNORE INTO lessons VALUES (?, ?, ?, ?)",
-            (lesson_id, goal_text, master_answer, vec.tobytes()),
-        )
-        self._ids.append(lesson_id)
-        self._vectors = np.vstack([self._vectors, vec[None, :]])
+        with self._lock:
+            if lesson_id in self._ids:
+                return
+            self._db.execute(
+                "INSERT OR IGNORE INTO lessons VALUES (?, ?, ?, ?)",
+                (lesson_id, goal_text, master_answer, vec.tobytes()),
+            )
+            self._ids.append(lesson_id)
+            self._vectors = np.vstack([self._vectors, vec[None, :]])
 
     def nearest(self, goal_vec: np.ndarray, n: int) -> list[Example]:
         """The ``n`` remembered lessons whose goals are most similar to ``goal_vec``."""
-        if not self._ids:
-            return []
-        sims = self._vectors @ _unit(np.asarray(goal_vec, dtype=np.float32).reshape(self.dim))
-        order = np.argsort(-sims)[:n]
-        out = []
-        for i in order:
-            goal, answer = self._db.execute(
-                "SELECT goal_text, master_answer FROM lessons WHERE lesson_id=?", (self._ids[i],)
-            ).fetchone()
-            out.append(Example(self._ids[i], goal, answer, float(sims[i])))
-        return out
+        query = _unit(np.asarray(goal_vec, dtype=np.float32).reshape(self.dim))
+        with self._lock:
+            if not self._ids:
+                return []
+            sims = self._vectors @ query
+            order = np.argsort(-sims)[:n]
+            out = []
+            for i in order:
+                goal, answer = self._db.execute(
+                    "SELECT goal_text, master_answer FROM lessons WHERE lesson_id=?",
+                    (self._ids[i],),
+                ).fetchone()
+                out.append(Example(self._ids[i], goal, answer, float(sims[i])))
+            return out
 
     def close(self) -> None:
         """Close the database."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pupil_node.guidance import Goal, Guide
+from pupil_node.guidance import Answer, Goal, Guide
 from pupil_node.journal import Journal
 from pupil_node.memory import LessonMemory
 from shared import __version__
@@ -81,9 +82,12 @@ class PupilNode:
         self.params = GenerationParams(
             temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens, seed=seed
         )
+        # Lessons and jobs run on two worker threads: training an adapter and reading it for a
+        # job's best-of-K must not interleave.
+        self.state_lock = threading.Lock()
         self.guide = Guide(
             config.guidance, gen, generator, embedder, self.params, self.memory,
-            self.prompt_trainer.predict,
+            self._predict_master,
         )  # fmt: skip
 
     # -- state -----------------------------------------------------------------------------
@@ -126,6 +130,10 @@ class PupilNode:
             embedding_model=self.reference_model,
         )
 
+    def _predict_master(self, goal_vec: np.ndarray) -> np.ndarray:
+        with self.state_lock:
+            return self.prompt_trainer.predict(goal_vec)
+
     def info(self) -> NodeInfo:
         """What this node tells the master in hello and heartbeat messages."""
         return NodeInfo(
@@ -137,6 +145,7 @@ class PupilNode:
             hardware=f"{platform.machine()} {platform.system()} {platform.release()}",
             adapter_version=self.trainer.version,
             lessons_done=self.journal.count(),
+            job_kinds=list(self.config.jobs),
         )
 
     # -- the lesson flow -------------------------------------------------------------------
@@ -256,11 +265,27 @@ class PupilNode:
             log.info("lesson %s is in %s already", lesson.lesson_id[:8], path.name)
             return []
         adapter = self.config.adapter
-        losses = trainer.learn(
-            lesson.lesson_id, x, y, steps=adapter.steps_per_lesson, batch_size=adapter.batch_size
-        )
-        save_checkpoint(trainer, path)
+        with self.state_lock:
+            losses = trainer.learn(
+                lesson.lesson_id,
+                x,
+                y,
+                steps=adapter.steps_per_lesson,
+                batch_size=adapter.batch_size,
+            )
+            save_checkpoint(trainer, path)
         return losses
+
+    def answer_job(self, goal_text: str, max_tokens: int) -> Answer:
+        """Answer a job's goal with this node's guidance method, as it would a lesson's goal.
+
+        ``pupil.guidance.method`` decides how: ``retrieval`` puts the master's answers to the
+        nearest trained lessons in the prompt, ``best_of_k`` reranks samples by the prompt
+        adapter, ``plain`` is the model alone.
+        """
+        guide = self.guide.limited(max_tokens)
+        goal_vec = guide.embed([goal_text])[0]
+        return guide.answer(self.config.guidance.method, Goal(goal_text), goal_vec)
 
     def mark_reported(self, lesson_id: str) -> None:
         """Note that the broker confirmed the lesson's report: a redelivery is then only acked."""

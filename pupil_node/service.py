@@ -1,8 +1,10 @@
-"""The pupil node as a service: hello, heartbeats, the lesson consumer, goodbye.
+"""The pupil node as a service: hello, heartbeats, the lesson and job consumers, goodbye.
 
-Three threads:
+Threads:
 - the consumer's I/O thread keeps its connection alive (AMQP heartbeats) while
 - the consumer's worker thread runs a lesson, which may take minutes on a Pi;
+- with ``pupil.jobs`` set, a second consumer (I/O + worker thread, its own connection) takes jobs
+  from the shared job queues, so a job never waits for a lesson's delivery to be acked;
 - a keepalive thread sends the node's heartbeat messages and keeps the publisher's connection
   answering AMQP heartbeats between lessons.
 Reports and control messages go out on a separate, confirming publisher connection; a lesson is
@@ -19,10 +21,12 @@ import time
 
 from pika.adapters.blocking_connection import BlockingChannel
 
+from pupil_node.jobs import JobWorker
 from pupil_node.node import PupilNode
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
 from shared.errors import EmbeddingMismatch
+from shared.job_metrics import PupilJobMetrics
 from shared.messages import Goodbye, Heartbeat, Hello, Lesson, Message, Report, decode, encode
 from shared.metrics import PupilMetrics
 from shared.topology import Topology
@@ -49,11 +53,40 @@ class PupilService:
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.stop = stop or threading.Event()
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
+        self.jobs = JobWorker(
+            node, self.publisher, self.topology, PupilJobMetrics(self.metrics.registry)
+        )
         self._next_heartbeat = 0.0
+        self._failure: BaseException | None = None
 
     def _declare(self, channel: BlockingChannel) -> None:
         broker = self.settings.broker
         self.topology.declare_pupil(channel, self.node.node_id, broker.declare_exchanges)
+
+    def _declare_jobs(self, channel: BlockingChannel) -> None:
+        kinds = tuple(self.node.config.jobs)
+        if self.settings.broker.declare_exchanges:
+            self.topology.declare_exchanges(channel)
+            for kind in kinds:
+                self.topology.declare_job_queue(channel, kind)
+        else:
+            # A per-node user may only read job queues, not declare them: the master did.
+            self.topology.check_job_queues(channel, kinds)
+
+    def _serve_jobs(self) -> None:
+        consumer = Consumer(
+            self.settings.broker,
+            self.topology,
+            [self.topology.job_queue(kind) for kind in self.node.config.jobs],
+            self.jobs.handle,
+            declare=self._declare_jobs,
+            on_dead_letter=lambda _delivery, reason: self.metrics.rejected("jobs", reason),
+        )
+        try:
+            consumer.run(self.stop)
+        except BaseException as exc:
+            self._failure = exc
+            self.stop.set()
 
     def _control(self, message: Message) -> None:
         # Not mandatory: hello/heartbeat are soft state that the next heartbeat repeats, and a
@@ -133,16 +166,22 @@ class PupilService:
             on_dead_letter=lambda _delivery, reason: self.metrics.rejected("lessons", reason),
         )
         self.metrics.watch_connection(consumer.connected)
-        keepalive = threading.Thread(target=self._keepalive, name="keepalive", daemon=True)
-        keepalive.start()
+        threads = [threading.Thread(target=self._keepalive, name="keepalive", daemon=True)]
+        if self.node.config.jobs:
+            threads.append(threading.Thread(target=self._serve_jobs, name="jobs", daemon=True))
+        for thread in threads:
+            thread.start()
         try:
             consumer.run(self.stop)
         finally:
-            self.stop.set()  # the consumer may also end by raising: the keepalive must end too
-            keepalive.join(timeout=10)
+            self.stop.set()  # the consumer may also end by raising: the other threads must end too
+            for thread in threads:
+                thread.join(timeout=60)
             try:
                 self._control(Goodbye(node=self.node.info()))
             except Exception as exc:
                 log.warning("goodbye not sent: %s", exc)
             self.publisher.close()
             self.node.close()
+        if self._failure is not None:
+            raise self._failure

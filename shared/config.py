@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import ConfigError
+from shared.jobs import CRITICAL, KINDS, OFFLOADABLE
 
 ENV_PREFIX = "DISTILL_SWARM__"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -67,6 +68,23 @@ class GeneratorConfig(_Section):
     threads: int | None = Field(default=None, ge=1, le=256)
 
 
+class MasterGeneratorConfig(GeneratorConfig):
+    """The master's generator: its own template by default.
+
+    A subclass rather than ``GeneratorConfig(template=...)`` as a default value: a config file
+    that sets any one field of ``[master.generator]`` builds the section anew from the class's
+    defaults, and must not silently fall back to the pupil's template.
+    """
+
+    template: str = "master.j2"
+
+
+class PupilGeneratorConfig(GeneratorConfig):
+    """A pupil's generator: samples (temperature 0.8) by default, as in the seed."""
+
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+
+
 class EmbedderConfig(_Section):
     """An embedding backend. Master and pupils must use the same model."""
 
@@ -110,6 +128,49 @@ class GuidanceConfig(_Section):
     example_chars: int = Field(default=600, ge=50, le=8000)
 
 
+def _split_list(value: Any) -> Any:
+    # An environment variable or CLI option gives "a,b,c"; a config file gives a list.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _known_kinds(kinds: list[str]) -> list[str]:
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown job kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
+    return list(dict.fromkeys(kinds))
+
+
+class MasterJobsConfig(_Section):
+    """Which jobs the master offloads to pupils and how (docs/jobs.md)."""
+
+    # Kinds the master always answers itself. The seed's critical kinds (complex reasoning,
+    # legal/medical) are always in it; add any other kind to keep it off the pupils.
+    critical: list[str] = list(CRITICAL)
+    # A job without its own deadline gets this long for a pupil to answer before the master does.
+    default_deadline_s: float = Field(default=30.0, gt=0, le=86_400)
+    # Fraction of offloaded jobs the master answers too, to record agreement (cosine of the two
+    # answers' embeddings) per kind and node. Each sample costs one master generation.
+    sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    _split_critical = field_validator("critical", mode="before")(_split_list)
+
+    @field_validator("critical")
+    @classmethod
+    def _critical_kinds(cls, value: list[str]) -> list[str]:
+        value = _known_kinds(value)
+        kept_off = [k for k in CRITICAL if k not in value]
+        if kept_off:
+            raise ValueError(f"{', '.join(kept_off)} is critical by design and cannot be offloaded")
+        return value
+
+    @property
+    def offloaded(self) -> tuple[str, ...]:
+        """The kinds the master sends to pupils: every known kind not marked critical."""
+        return tuple(k for k in KINDS if k not in self.critical)
+
+
 class MasterConfig(_Section):
     """The master service."""
 
@@ -133,8 +194,9 @@ class MasterConfig(_Section):
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
     # At most this many distinct `node` label values; further nodes share the label `other`.
     metrics_max_nodes: int = Field(default=256, ge=1, le=100_000)
-    generator: GeneratorConfig = GeneratorConfig(template="master.j2")
+    generator: MasterGeneratorConfig = MasterGeneratorConfig()
     embedder: EmbedderConfig = EmbedderConfig()
+    jobs: MasterJobsConfig = MasterJobsConfig()
 
 
 class PupilConfig(_Section):
@@ -147,10 +209,24 @@ class PupilConfig(_Section):
     # so a node behind NAT needs no scraping; this endpoint is for nodes Prometheus can reach.
     metrics_port: int = Field(default=9465, ge=0, le=65535)
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
-    generator: GeneratorConfig = GeneratorConfig(temperature=0.8)
+    generator: PupilGeneratorConfig = PupilGeneratorConfig()
     embedder: EmbedderConfig = EmbedderConfig()
     adapter: AdapterConfig = AdapterConfig()
     guidance: GuidanceConfig = GuidanceConfig()
+    # Job kinds this node consumes and advertises (empty: lessons only). Critical kinds are
+    # refused: the master never offloads them, whatever a node says.
+    jobs: list[str] = list(OFFLOADABLE)
+
+    _split_jobs = field_validator("jobs", mode="before")(_split_list)
+
+    @field_validator("jobs")
+    @classmethod
+    def _offloadable_kinds(cls, value: list[str]) -> list[str]:
+        value = _known_kinds(value)
+        critical = [k for k in value if k in CRITICAL]
+        if critical:
+            raise ValueError(f"{', '.join(critical)} is critical: only the master does it")
+        return value
 
 
 class Settings(_Section):

@@ -41,6 +41,10 @@ NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 Split = Literal["train", "eval"]
 MethodName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_+-]{0,31}$")]
 Similarity = Annotated[float, Field(ge=-1.0001, le=1.0001, allow_inf_nan=False)]
+JobKindName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+ParamName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+# Who answered a job: a pupil's node id, or this word for the master itself.
+MASTER = "master"
 
 
 def new_id() -> str:
@@ -187,6 +191,8 @@ class NodeInfo(BaseModel):
     hardware: str = Field(default="", max_length=500)
     adapter_version: int = Field(ge=0, default=0)
     lessons_done: int = Field(ge=0, default=0)
+    # The job kinds this node consumes (its `pupil.jobs`), so an operator can see who does what.
+    job_kinds: list[JobKindName] = Field(default_factory=list, max_length=64)
 
 
 class Hello(Message):
@@ -210,8 +216,54 @@ class Goodbye(Message):
     node: NodeInfo
 
 
+class Job(Message):
+    """A piece of work for whoever does its kind: submitted to the master, or offloaded by it.
+
+    ``reply_to`` and ``correlation_id`` travel as AMQP properties, not in the body: a submitter
+    gets its :class:`JobResult` on its ``reply_to`` queue with ``correlation_id = job_id``.
+    ``deadline`` is when a pupil's answer stops being useful: after it, the master answers.
+    """
+
+    kind: ClassVar[str] = "job"
+    job_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    job_kind: JobKindName
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    params: dict[ParamName, Annotated[str, Field(max_length=2_000)]] = Field(
+        default_factory=dict, max_length=16
+    )
+    deadline: datetime
+
+    @field_validator("deadline")
+    @classmethod
+    def _utc_deadline(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("deadline must carry a timezone (UTC)")
+        return value.astimezone(UTC)
+
+
+class JobResult(Message):
+    """The answer to a job, or why there is none (``error``).
+
+    ``answered_by`` is a node id or ``"master"``; ``fallback`` says why the master answered a job
+    it would have offloaded (``critical``, ``deadline``, ``pupil failed: ...``), and is empty
+    when the job went where the policy sent it first.
+    """
+
+    kind: ClassVar[str] = "job_result"
+    job_id: str = Field(min_length=1, max_length=64)
+    job_kind: str = Field(min_length=1, max_length=64)
+    answered_by: str = Field(min_length=1, max_length=64)
+    model: str = Field(default="", max_length=200)
+    output: str = Field(default="", max_length=MAX_ANSWER_CHARS)
+    error: str | None = Field(default=None, max_length=2_000)
+    fallback: str | None = Field(default=None, max_length=500)
+    # Seconds from submission (or, from a pupil, from receipt) to this answer.
+    elapsed_s: float = Field(ge=0, default=0.0)
+    guidance: str = Field(default="", max_length=32)  # how a pupil answered (its guidance method)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Lesson, Report, Hello, Heartbeat, Goodbye)
+    cls.kind: cls for cls in (Lesson, Report, Hello, Heartbeat, Goodbye, Job, JobResult)
 }
 
 M = TypeVar("M", bound=Message)

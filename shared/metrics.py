@@ -218,7 +218,7 @@ class PupilMetrics(ServiceMetrics):
     """A pupil node's own metrics."""
 
     def __init__(self) -> None:
-        super().__init__("pupil", queues=("lessons",))
+        super().__init__("pupil", queues=("lessons", "jobs"))
         self.lessons_consumed = Counter(
             PREFIX + "lessons_consumed",
             "Lessons this node answered, measured and journalled (new work, not replays).",
@@ -274,7 +274,7 @@ class MasterMetrics(ServiceMetrics):
     """The master's own metrics and its re-export of every node's latest figures."""
 
     def __init__(self, max_nodes: int = 256) -> None:
-        super().__init__("master", queues=("reports", "control"))
+        super().__init__("master", queues=("reports", "control", "jobs", "job_results"))
         self.node_label = NodeLabels(max_nodes)
         r = self.registry
         self.lessons_published = Counter(

@@ -15,6 +15,7 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.errors import BrokerError
+from shared.jobs import KINDS
 
 # Header carrying why a message was dead-lettered by us (RabbitMQ's own x-death says only
 # "rejected", which tells an operator nothing).
@@ -35,6 +36,8 @@ class Topology:
 
     namespace: str = "swarm"
     quorum_queues: bool = True
+    # Job kinds the master offloads: it declares one shared queue per kind (docs/jobs.md).
+    job_kinds: tuple[str, ...] = ()
 
     @property
     def lessons_exchange(self) -> str:
@@ -68,8 +71,28 @@ class Topology:
     def dead_queue(self) -> str:
         return f"{self.namespace}.dead"
 
+    @property
+    def job_submissions_queue(self) -> str:
+        """Where submitters' jobs wait for the master (bound to jobs with ``SUBMIT_KEY``)."""
+        return f"{self.namespace}.master.jobs"
+
+    @property
+    def job_results_queue(self) -> str:
+        """Where pupils' job results wait for the master (bound to reports, ``JOB_RESULT_KEY``)."""
+        return f"{self.namespace}.master.job-results"
+
     # Routing key of reports on the direct reports exchange.
     REPORT_KEY = "report"
+    # Routing key of a pupil's job results on the reports exchange: the `reply_to` of every job
+    # the master offloads. A routing key, not a queue on the default exchange, because writing to
+    # the default exchange would let a node's user put messages into any queue (docs/jobs.md).
+    JOB_RESULT_KEY = "job-result"
+    # Routing key of submitted jobs on the jobs exchange (never a job kind's name).
+    SUBMIT_KEY = "submit"
+
+    def job_queue(self, kind: str) -> str:
+        """The queue pupils doing ``kind`` share (competing consumers)."""
+        return f"{self.namespace}.jobs.{kind}"
 
     def pupil_queue(self, node_id: str) -> str:
         """The queue one pupil consumes its lessons from."""
@@ -106,6 +129,46 @@ class Topology:
         channel.queue_bind(self.reports_queue, self.reports_exchange, routing_key=self.REPORT_KEY)
         channel.queue_declare(self.control_queue, durable=True, arguments=self._queue_args(True))
         channel.queue_bind(self.control_queue, self.control_exchange, routing_key="#")
+        channel.queue_declare(
+            self.job_submissions_queue, durable=True, arguments=self._queue_args(True)
+        )
+        channel.queue_bind(self.job_submissions_queue, self.jobs_exchange, self.SUBMIT_KEY)
+        channel.queue_declare(
+            self.job_results_queue, durable=True, arguments=self._queue_args(True)
+        )
+        channel.queue_bind(self.job_results_queue, self.reports_exchange, self.JOB_RESULT_KEY)
+        for kind in self.job_kinds:
+            self.declare_job_queue(channel, kind)
+
+    def _job_queue_args(self) -> dict[str, Any]:
+        # No dead-letter exchange: offloaded jobs carry a per-message TTL (their deadline), and an
+        # expired job is one the master has answered already, not something for an operator to
+        # see in the dead letters. A job a pupil cannot decode is still dead-lettered, with a
+        # reason, by the consumer's own republish to the dead exchange.
+        return {"x-queue-type": "quorum"} if self.quorum_queues else {}
+
+    def declare_job_queue(self, channel: BlockingChannel, kind: str) -> str:
+        """Declare the shared queue of one job kind, bound to the jobs exchange; returns it."""
+        queue = self.job_queue(kind)
+        channel.queue_declare(queue, durable=True, arguments=self._job_queue_args())
+        channel.queue_bind(queue, self.jobs_exchange, routing_key=kind)
+        return queue
+
+    def check_job_queues(self, channel: BlockingChannel, kinds: tuple[str, ...]) -> None:
+        """Check, without declaring, that the master has declared the queues of ``kinds``.
+
+        Raises :class:`BrokerError` naming the kind whose queue is missing: the master offloads
+        only the kinds its policy allows, so a missing queue usually means a critical kind.
+        """
+        for kind in kinds:
+            try:
+                channel.queue_declare(self.job_queue(kind), passive=True)
+            except pex.ChannelClosedByBroker as exc:
+                raise BrokerError(
+                    f"no job queue for kind '{kind}' ({exc.reply_text}): the master offloads only "
+                    "the kinds its policy allows (master.jobs); start the master first or remove "
+                    "the kind from pupil.jobs"
+                ) from None
 
     def check_pupil_exchanges(self, channel: BlockingChannel) -> None:
         """Check that the exchanges a pupil uses exist, without declaring them.
@@ -161,6 +224,9 @@ class Topology:
     def delete_all(self, channel: BlockingChannel, node_ids: tuple[str, ...] = ()) -> None:
         """Remove every exchange and queue of this namespace (tests and `demo` clean-up)."""
         queues = [self.reports_queue, self.control_queue, self.dead_queue]
+        queues += [self.job_submissions_queue, self.job_results_queue]
+        # Every kind of the catalogue, not only ours: pupils may have declared others' queues.
+        queues += [self.job_queue(k) for k in KINDS]
         queues += [self.pupil_queue(n) for n in node_ids]
         for queue in queues:
             channel.queue_delete(queue)

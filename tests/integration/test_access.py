@@ -23,7 +23,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 
 from distill_swarm.local_broker import LocalBroker
 from master.access import PUPIL_TAG, ManagementAPI, add_node, pupil_permissions, remove_node
-from master.service import check_identity
+from master.identity import check_identity
 from shared.broker import Consumer, Delivery, Publisher, connect
 from shared.config import BrokerConfig
 from shared.errors import BrokerError, DecodeError
