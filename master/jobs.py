@@ -286,10 +286,7 @@ class JobDispatcher:
         )
 
     def _sampled(self, job_id: str) -> bool:
-        # Decided by the job id, not by a random draw: a restarted master samples the same jobs.
-        rate = self.config.sample_rate
-        digest = hashlib.sha256(job_id.encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < rate
+        return is_sampled(job_id, self.config.sample_rate)
 
     # -- replies ---------------------------------------------------------------------------
 
@@ -378,6 +375,16 @@ class JobDispatcher:
         if self._rejected is not None:
             results = delivery.queue == self.topology.job_results_queue
             self._rejected("job_results" if results else "jobs", reason)
+
+
+def is_sampled(job_id: str, rate: float) -> bool:
+    """Whether the master also answers this job to measure agreement, at ``rate`` overall.
+
+    Decided by a hash of the job id, not a random draw, so a restarted master (or a redelivered
+    result) samples the same jobs.
+    """
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
 
 
 def _since(start: datetime) -> float:

@@ -27,10 +27,12 @@ from master.identity import check_identity
 from shared.broker import Consumer, Delivery, Publisher, connect
 from shared.config import BrokerConfig
 from shared.errors import BrokerError, DecodeError
+from shared.jobs import OFFLOADABLE
 from shared.messages import (
     MAX_MESSAGE_BYTES,
     Embedding,
     Heartbeat,
+    JobResult,
     Lesson,
     NodeInfo,
     Report,
@@ -45,7 +47,7 @@ pytestmark = pytest.mark.broker
 VHOST = "swarm"
 ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-7f3a"
 NODE_A_PASSWORD = "node-a-secret-91c2"
-TOPOLOGY = Topology("swarm")
+TOPOLOGY = Topology("swarm", job_kinds=OFFLOADABLE)
 ACCESS_REFUSED, NOT_FOUND = 403, 404
 
 
@@ -310,6 +312,32 @@ def test_a_node_cannot_delete_or_redeclare_shared_exchanges(swarm: Swarm) -> Non
     with channel_of(swarm.admin()) as channel:  # all still there
         for exchange in (TOPOLOGY.lessons_exchange, TOPOLOGY.reports_exchange):
             channel.exchange_declare(exchange, passive=True)
+
+
+def test_a_node_takes_jobs_and_returns_results_but_cannot_submit_or_redeclare(
+    swarm: Swarm,
+) -> None:
+    config, queue = swarm.config("node-a"), TOPOLOGY.job_queue("summarisation")
+    with channel_of(swarm.admin(), confirm=True) as channel:
+        channel.basic_publish(TOPOLOGY.jobs_exchange, "summarisation", b"job-1")
+    with channel_of(config) as channel:
+        TOPOLOGY.check_job_queues(channel, ("summarisation",))  # passive: no permission needed
+        wait_for(lambda: channel.basic_get(queue, auto_ack=True)[2] == b"job-1")
+    result = JobResult(job_id="job-1", job_kind="summarisation", answered_by="node-a", output="x")
+    node = Publisher(config)
+    try:
+        node.publish(TOPOLOGY.reports_exchange, TOPOLOGY.JOB_RESULT_KEY, encode(result), "jr-1")
+    finally:
+        node.close()
+    body, _ = get_one(swarm.admin(), TOPOLOGY.job_results_queue)
+    assert decode(body, JobResult) == result
+    # A node may not submit jobs, redeclare or delete a job queue, or read the master's jobs.
+    submit = op("basic_publish", TOPOLOGY.jobs_exchange, TOPOLOGY.SUBMIT_KEY, b"{}")
+    assert refused(config, submit) == ACCESS_REFUSED
+    assert refused(config, op("queue_declare", queue, durable=True)) == ACCESS_REFUSED
+    assert refused(config, op("queue_delete", queue)) == ACCESS_REFUSED
+    for master_queue in (TOPOLOGY.job_submissions_queue, TOPOLOGY.job_results_queue):
+        assert refused(config, op("basic_get", master_queue)) == ACCESS_REFUSED
 
 
 def test_a_node_cannot_read_or_delete_the_masters_queues(swarm: Swarm) -> None:

@@ -23,6 +23,7 @@ from master.access import pupil_permissions
 from shared.broker import Consumer, Delivery, Publisher, connect, redact
 from shared.config import BrokerConfig, Settings
 from shared.errors import BrokerError
+from shared.jobs import OFFLOADABLE
 from shared.messages import Embedding, Hello, Lesson, Report, decode, encode
 from shared.topology import Topology
 from tests.support.private_broker import require_rabbitmq_server, skip_or_fail, wait_for
@@ -86,7 +87,7 @@ def tls_connections(broker: LocalBroker) -> list[list[str]]:
 
 def test_a_lesson_round_trips_over_amqps(tls_broker: TlsBroker) -> None:
     config = tls_broker.config()
-    topology = Topology("tls")
+    topology = Topology("tls", job_kinds=OFFLOADABLE)
     received: list[Lesson] = []
 
     def handler(delivery: Delivery) -> None:
@@ -168,7 +169,7 @@ def test_a_pupil_service_with_its_own_user_learns_over_amqps(
     from pupil_node.service import PupilService
     from shared.backends import build_embedder, build_generator
 
-    topology = Topology("tls")
+    topology = Topology("tls", job_kinds=OFFLOADABLE)
     permissions = pupil_permissions(topology, "pi-7")
     broker = tls_broker.broker
     for args in (

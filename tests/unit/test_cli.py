@@ -29,7 +29,9 @@ def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     [
         (("pupil", "run"), "no node id"),
         (("pupil", "run", "--node-id", "has space"), "'pupil.node_id'"),
-        (("master", "run"), "no prompt set"),
+        (("submit", "weather_forecast", "--input", "x.txt"), "cannot read --input x.txt"),
+        (("submit", "summarisation", "--param", "oops"), "use KEY=VALUE"),
+        (("jobs", "--store", "nowhere.sqlite3"), "no master store at nowhere.sqlite3"),
         (("master", "run", "--prompts", "missing.jsonl"), "missing.jsonl does not exist"),
         (("status", "--store", "nowhere.sqlite3"), "no master store at nowhere.sqlite3"),
         (("demo", "--nodes", "0"), "'--nodes'"),
@@ -43,6 +45,18 @@ def test_bad_input_exits_2_with_one_line(
     assert result.returncode == 2
     (line,) = error_lines(result)
     assert expected in line
+
+
+def test_submit_refuses_an_unknown_kind_or_a_missing_parameter(tmp_path: Path) -> None:
+    text = tmp_path / "job.txt"
+    text.write_text("Good morning")
+    unknown = run_cli("submit", "weather_forecast", "--input", str(text))
+    missing = run_cli("submit", "translation", "--input", str(text))
+    assert unknown.returncode == missing.returncode == 2
+    (line,) = error_lines(unknown)
+    assert "unknown job kind 'weather_forecast'" in line and "summarisation" in line
+    (line,) = error_lines(missing)
+    assert "translation job needs the parameter(s): language" in line
 
 
 def test_bad_config_file_names_the_field(tmp_path: Path) -> None:
