@@ -31,7 +31,7 @@ import pytest
 import yaml
 from pika.adapters.blocking_connection import BlockingChannel
 
-from shared.config import BrokerConfig, load_settings
+from shared.config import BrokerConfig, MasterJobsConfig, load_settings
 from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -455,7 +455,8 @@ class RecordingChannel:
 def _default_topology() -> Topology:
     broker = BrokerConfig()
     assert broker.namespace == VHOST, "definitions.json is written for the `swarm` namespace"
-    return Topology(broker.namespace, broker.quorum_queues)
+    # With the default jobs policy: one queue per offloadable kind is part of the topology.
+    return Topology(broker.namespace, broker.quorum_queues, MasterJobsConfig().offloaded)
 
 
 def _declared_by_definitions() -> RecordingChannel:

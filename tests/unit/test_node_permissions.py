@@ -21,6 +21,9 @@ ALL_NAMES = {
     "swarm.pupil.pi.7", "swarm.pupil.pi.8", "swarm.pupil.pi.77", "swarm.pupil.piX7",
     "swarm.lessons", "swarm.jobs", "swarm.reports", "swarm.control", "swarm.dead",
     "swarm.master.reports", "swarm.master.control", "other.pupil.pi.7", "swarmXreports",
+    "swarm.jobs.summarisation", "swarm.jobs.translation", "swarm.jobs.legal_medical",
+    "swarm.jobs.complex_reasoning", "swarm.jobs.summarisationX", "swarm.master.jobs",
+    "swarm.master.job-results",
 }  # fmt: skip
 
 
@@ -37,8 +40,14 @@ def test_write_covers_its_queue_reports_control_and_dead_letters() -> None:
     assert allowed(PERMS.write) == expected
 
 
-def test_read_covers_its_queue_and_the_lessons_exchange_only() -> None:
-    assert allowed(PERMS.read) == {"swarm.pupil.pi.7", "swarm.lessons"}
+def test_read_covers_its_queue_the_lessons_and_offloadable_job_queues_only() -> None:
+    # Critical kinds and the master's own job queues stay out of reach.
+    assert allowed(PERMS.read) == {
+        "swarm.pupil.pi.7",
+        "swarm.lessons",
+        "swarm.jobs.summarisation",
+        "swarm.jobs.translation",
+    }
 
 
 def test_the_node_url_carries_encoded_credentials_and_the_vhost() -> None:
