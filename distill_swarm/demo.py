@@ -23,6 +23,7 @@ from pathlib import Path
 import pika
 from tqdm import tqdm
 
+from distill_swarm.demo_jobs import run_demo_jobs
 from distill_swarm.local_broker import LocalBroker, port_open
 from master.prompts import load_prompts
 from master.status import format_table
@@ -49,6 +50,9 @@ prefetch = 1
 [master]
 eval_fraction = 0.25
 expect_nodes_timeout_s = 300
+
+[master.jobs]
+sample_rate = 1.0          # the demo compares every offloaded job with the master's own answer
 
 [master.generator]
 kind = "embedded"
@@ -98,9 +102,14 @@ def broker_reachable(url: str) -> bool:
 
 
 def run_demo(nodes: int, prompts: Path, workdir: Path, max_tokens: int, timeout_s: float) -> int:
-    """Run the whole demo; returns a process exit code."""
+    """Run the whole demo, lessons then jobs; returns a process exit code."""
     return run_swarm(
-        prompts, workdir, nodes, timeout_s, lambda url, ns: demo_config(url, ns, max_tokens)
+        prompts,
+        workdir,
+        nodes,
+        timeout_s,
+        lambda url, ns: demo_config(url, ns, max_tokens),
+        with_jobs=True,
     )
 
 
@@ -110,8 +119,11 @@ def run_swarm(
     nodes: int,
     timeout_s: float,
     make_config: Callable[[str, str], str],
+    with_jobs: bool = False,
 ) -> int:
     """Run a master and ``nodes`` pupils over one prompt set until every report is in.
+
+    With ``with_jobs``, then offload one job of each kind to the swarm (distill_swarm/demo_jobs.py).
 
     ``make_config(broker_url, namespace)`` returns the TOML every process reads; it is written to
     ``workdir/swarm.toml``. Uses the broker at ``AMQP_URL`` or, if none answers, a private one.
@@ -130,7 +142,7 @@ def run_swarm(
         config_path.write_text(make_config(url, namespace))
         node_ids = tuple(f"pupil-{i}" for i in range(1, nodes + 1))
         stack.callback(_delete_topology, BrokerConfig(url=url, namespace=namespace), node_ids)
-        return _run_processes(config_path, workdir, prompts, node_ids, timeout_s)
+        return _run_processes(config_path, workdir, prompts, node_ids, timeout_s, with_jobs)
     return 1  # unreachable; keeps type checkers calm
 
 
@@ -147,7 +159,12 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def _run_processes(
-    config: Path, workdir: Path, prompts: Path, node_ids: tuple[str, ...], timeout_s: float
+    config: Path,
+    workdir: Path,
+    prompts: Path,
+    node_ids: tuple[str, ...],
+    timeout_s: float,
+    with_jobs: bool,
 ) -> int:
     store_path = workdir / "master.sqlite3"
     store_path.unlink(missing_ok=True)
@@ -166,8 +183,12 @@ def _run_processes(
     )  # fmt: skip
     print(f"master and {len(node_ids)} pupils started; logs in {workdir}", flush=True)
     expected = len(load_prompts(prompts)) * len(node_ids)
+    jobs_table = None
     try:
         problem = _watch(master, pupils, store_path, expected, timeout_s)
+        if problem is None and with_jobs:
+            print("lessons done; now offloading one job of each kind to the swarm", flush=True)
+            jobs_table = run_demo_jobs(load_settings(config, env={}), store_path)
         # Pupils first, so the master is still there to record their goodbyes.
         _stop(list(pupils.values()))
         _wait_for_goodbyes(master, store_path)
@@ -175,6 +196,9 @@ def _run_processes(
         _stop([master, *pupils.values()])
     if store_path.is_file():
         print(format_table(Store(store_path).node_status()))
+    if jobs_table is not None:
+        print()
+        print(jobs_table)
     if problem:
         print(f"demo failed: {problem}; logs in {workdir}", file=sys.stderr)
         return 1

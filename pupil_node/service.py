@@ -81,6 +81,8 @@ class PupilService:
             self.jobs.handle,
             declare=self._declare_jobs,
             on_dead_letter=lambda _delivery, reason: self.metrics.rejected("jobs", reason),
+            # One job at a time across all kinds: a busy node leaves the others to idle pupils.
+            shared_prefetch=True,
         )
         try:
             consumer.run(self.stop)

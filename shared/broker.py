@@ -361,8 +361,14 @@ class Consumer:
         on_tick: Callable[[], None] | None = None,
         tick_interval_s: float = 5.0,
         on_dead_letter: Callable[[Delivery, str], None] | None = None,
+        shared_prefetch: bool = False,
     ) -> None:
         self._config = config
+        # RabbitMQ's prefetch is per consumer: consuming N queues holds up to N x prefetch
+        # deliveries. Shared (`global`) makes it one window for the whole channel, so a node
+        # consuming six job queues holds one job, not six (classic queues only: quorum queues
+        # refuse a global prefetch).
+        self._shared_prefetch = shared_prefetch
         self._topology = topology
         self._queues = queues
         self._handler = handler
@@ -421,7 +427,7 @@ class Consumer:
         channel = self._connection.channel()
         channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
         self._declare(channel)
-        channel.basic_qos(prefetch_count=self._config.prefetch)
+        channel.basic_qos(prefetch_count=self._config.prefetch, global_qos=self._shared_prefetch)
         for name in self._queues:
             channel.basic_consume(name, functools.partial(self._on_message, name), auto_ack=False)
         self._channel = channel

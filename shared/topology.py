@@ -91,7 +91,7 @@ class Topology:
     SUBMIT_KEY = "submit"
 
     def job_queue(self, kind: str) -> str:
-        """The queue pupils doing ``kind`` share (competing consumers)."""
+        """The classic queue pupils doing ``kind`` share (competing consumers)."""
         return f"{self.namespace}.jobs.{kind}"
 
     def pupil_queue(self, node_id: str) -> str:
@@ -141,11 +141,15 @@ class Topology:
             self.declare_job_queue(channel, kind)
 
     def _job_queue_args(self) -> dict[str, Any]:
+        # Classic, not quorum: a pupil consumes all its kinds' queues on one channel with one
+        # shared (global) prefetch window, so that it holds one job at a time instead of one per
+        # kind; quorum queues refuse a global prefetch. Not replicated: a job lost with a broker
+        # node is answered by the master at its deadline.
         # No dead-letter exchange: offloaded jobs carry a per-message TTL (their deadline), and an
         # expired job is one the master has answered already, not something for an operator to
         # see in the dead letters. A job a pupil cannot decode is still dead-lettered, with a
         # reason, by the consumer's own republish to the dead exchange.
-        return {"x-queue-type": "quorum"} if self.quorum_queues else {}
+        return {}
 
     def declare_job_queue(self, channel: BlockingChannel, kind: str) -> str:
         """Declare the shared queue of one job kind, bound to the jobs exchange; returns it."""

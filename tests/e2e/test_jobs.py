@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -167,6 +168,16 @@ def test_two_pupils_share_a_burst_and_the_master_samples_agreement(swarm: JobSwa
     assert by == set(NODES), f"both pupils should have done some of the burst, got {by}"
     assert all(r.fallback is None for r in results)
 
+    # One job of each of two kinds: a pupil holds one job at a time across its kinds, so the
+    # second job goes to the idle pupil instead of waiting behind the first on a busy one.
+    with JobClient(swarm.settings) as client:
+        pair = [
+            client.submit_future("keyword_tagging", TEXTS[0], deadline_s=120),
+            client.submit_future("hypothesis_summarisation", TEXTS[1], deadline_s=120),
+        ]
+        mixed = _results(pair, swarm)
+    assert {r.answered_by for r in mixed} == set(NODES), mixed
+
     # Quality: every offloaded job is sampled (sample_rate 1.0), and the master exports it.
     def sampled() -> bool:
         return {node for _, node, _, _ in swarm.jobs().agreement()} == set(NODES)
@@ -178,6 +189,29 @@ def test_two_pupils_share_a_burst_and_the_master_samples_agreement(swarm: JobSwa
     for node in NODES:
         n = sample(page, "distill_swarm_job_agreement_count", kind="summarisation", node=node)
         assert n is not None and n >= 1, node
+
+
+def test_the_cli_submits_from_a_file_or_stdin_and_says_who_answered(
+    swarm: JobSwarm, tmp_path: Path
+) -> None:
+    text = tmp_path / "query.txt"
+    text.write_text("I was charged twice for my subscription.")
+    base = [sys.executable, "-m", "distill_swarm", "submit", "--config", str(swarm.config)]
+    from_file = subprocess.run(
+        [*base, "query_routing", "--input", str(text), "-p", "routes=billing, support, sales"],
+        capture_output=True, text=True, timeout=ANSWER_TIMEOUT_S,
+    )  # fmt: skip
+    from_stdin = subprocess.run(
+        [*base, "keyword_tagging", "--json"], input="Baking sourdough bread at home",
+        capture_output=True, text=True, timeout=ANSWER_TIMEOUT_S,
+    )  # fmt: skip
+
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout.strip()
+    assert re.search(r"answered by pupil-[12] in [0-9.]+s$", from_file.stderr.strip())
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    result = JobResult.model_validate_json(from_stdin.stdout)
+    assert result.job_kind == "keyword_tagging" and result.answered_by in NODES
 
 
 def test_a_critical_kind_never_reaches_a_pupil(swarm: JobSwarm) -> None:

@@ -6,6 +6,7 @@ similarity (the end-to-end tests in tests/e2e/test_jobs.py run the real models).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import zlib
@@ -29,6 +30,7 @@ from shared.broker import connect
 from shared.config import BrokerConfig, Settings
 from shared.errors import BackendUnreachable
 from shared.job_metrics import MasterJobMetrics
+from shared.messages import JobResult
 from shared.topology import Topology
 from tests.support.live_swarm import wait_for
 
@@ -154,6 +156,40 @@ def test_a_working_pupil_answers_through_its_guidance(settings: Settings, tmp_pa
     assert result.answered_by == "p-ok" and result.fallback is None
     assert result.guidance == "retrieval" and result.model == "test:pupil"
     assert "Summarise in one sentence: The shop opens at nine." in result.output
+
+
+def test_submit_async_awaits_answers_without_blocking_the_loop(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async def three_at_once(client: JobClient) -> tuple[list[JobResult], int]:
+        ticks = 0
+
+        async def tick() -> None:  # runs only while the loop is free
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        texts = ["Rain tonight.", "The shop opens at nine.", "Bus 7 is late."]
+        results = await asyncio.gather(
+            *(client.submit_async("summarisation", t, deadline_s=60) for t in texts)
+        )
+        ticker.cancel()
+        return list(results), ticks
+
+    with (
+        master(settings),
+        pupil(settings, "p-ok", Echo("pupil"), tmp_path / "p"),
+        JobClient(settings) as client,
+    ):
+        wait_for_consumer(settings, Topology(settings.broker.namespace).job_queue("summarisation"))
+        results, ticks = asyncio.run(three_at_once(client))
+
+    assert [r.answered_by for r in results] == ["p-ok"] * 3
+    assert "Rain tonight." in results[0].output  # each answer is its own job's
+    assert "Bus 7 is late." in results[2].output
+    assert ticks > 0, "the event loop was blocked while waiting"
 
 
 def test_a_restarted_master_answers_the_jobs_the_old_one_left_open(settings: Settings) -> None:
