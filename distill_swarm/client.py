@@ -58,6 +58,12 @@ class JobFailed(DistillSwarmError):
         self.result = result
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, pex.ChannelClosedByBroker):
+        return str(exc.reply_text)
+    return "unroutable" if isinstance(exc, pex.UnroutableError) else "refused by the broker"
+
+
 def split_payload(payload: Payload) -> tuple[str, dict[str, str]]:
     """(text, params) from a payload: a plain text, or a mapping with ``text`` and params."""
     if isinstance(payload, str):
@@ -175,10 +181,11 @@ class JobClient:
         connection = None
         try:
             connection = connect(self.settings.broker, self._stop)
-            channel = connection.channel()
-            channel.confirm_delivery()
-            reply_queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-            channel.basic_consume(reply_queue, self._on_reply, auto_ack=True)
+            # The reply queue belongs to the connection (exclusive: deleted with it), not to a
+            # channel, and is not auto-delete: it must outlive a channel the broker closes (a
+            # publish to a missing exchange), and each new channel consumes it again.
+            reply_queue = connection.channel().queue_declare("", exclusive=True).method.queue
+            channel = self._open_channel(connection, reply_queue)
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -187,7 +194,8 @@ class JobClient:
         self._ready.set()
         try:
             while not self._stop.is_set():
-                self._send_outbox(channel, reply_queue)
+                if not self._send_outbox(channel, reply_queue):
+                    channel = self._open_channel(connection, reply_queue)
                 connection.process_data_events(time_limit=POLL_S)
         except (pex.AMQPError, ConnectionError) as exc:
             log.warning("job client lost the broker: %r", exc)
@@ -196,12 +204,19 @@ class JobClient:
             self._fail_all(ConnectionClosed("the job client's broker connection is closed"))
             close_quietly(connection)
 
-    def _send_outbox(self, channel: Any, reply_queue: str) -> None:
+    def _open_channel(self, connection: Any, reply_queue: str) -> Any:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_consume(reply_queue, self._on_reply, auto_ack=True)
+        return channel
+
+    def _send_outbox(self, channel: Any, reply_queue: str) -> bool:
+        """Publish every queued job; False if the broker closed the channel doing so."""
         while True:
             try:
                 item = self._outbox.get_nowait()
             except queue.Empty:
-                return
+                return True
             with self._lock:
                 self._waiting[item.job.job_id] = item.future
             try:
@@ -216,14 +231,16 @@ class JobClient:
                     ),
                     mandatory=True,
                 )
-            except (pex.UnroutableError, pex.NackError):
+            except (pex.UnroutableError, pex.NackError, pex.ChannelClosedByBroker) as exc:
                 self._resolve_error(
                     item.job.job_id,
                     PublishNotConfirmed(
-                        f"no master takes jobs on '{self.topology.jobs_exchange}': start the "
-                        "master first (it declares the job queues)"
+                        f"no master takes jobs on '{self.topology.jobs_exchange}' "
+                        f"({_reason(exc)}): start the master first (it declares the job queues)"
                     ),
                 )
+                if isinstance(exc, pex.ChannelClosedByBroker):
+                    return False
 
     def _on_reply(
         self, _channel: Any, _method: Any, props: pika.BasicProperties, body: bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import sys
 from pathlib import Path
@@ -59,6 +60,8 @@ def submit(
 ) -> None:
     """Submit one job to the swarm and print the answer (who answered goes to stderr)."""
     setup_logging("WARNING")
+    # pika logs every failed connection attempt at ERROR; the one-line error below says it all.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     settings = settings_from(config, {})
     text = _read_input(input_)
     params = _parse_params(param or [])

@@ -28,7 +28,7 @@ from pupil_node.service import PupilService
 from shared.backends import GenerationParams
 from shared.broker import connect
 from shared.config import BrokerConfig, Settings
-from shared.errors import BackendUnreachable
+from shared.errors import BackendUnreachable, PublishNotConfirmed
 from shared.job_metrics import MasterJobMetrics
 from shared.messages import JobResult
 from shared.topology import Topology
@@ -190,6 +190,17 @@ def test_submit_async_awaits_answers_without_blocking_the_loop(
     assert "Rain tonight." in results[0].output  # each answer is its own job's
     assert "Bus 7 is late." in results[2].output
     assert ticks > 0, "the event loop was blocked while waiting"
+
+
+def test_without_a_master_a_submit_fails_clearly_and_the_client_keeps_working(
+    settings: Settings,
+) -> None:
+    with JobClient(settings) as client:
+        with pytest.raises(PublishNotConfirmed, match="start the master first"):
+            client.submit("legal_medical", "Is this mole dangerous?", deadline_s=5)
+        with master(settings):  # the same client, once a master runs
+            result = client.submit("legal_medical", "Is this mole dangerous?", deadline_s=5)
+    assert result.answered_by == "master" and result.fallback == "critical"
 
 
 def test_a_restarted_master_answers_the_jobs_the_old_one_left_open(settings: Settings) -> None:
