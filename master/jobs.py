@@ -356,7 +356,9 @@ class JobDispatcher:
         for thread in threads:
             thread.start()
         consumer = Consumer(
-            self.settings.broker,
+            # Like the report consumer, a window of master.prefetch: a burst of submissions
+            # must not wait a broker round trip each.
+            self.settings.broker.model_copy(update={"prefetch": self.settings.master.prefetch}),
             self.topology,
             [self.topology.job_submissions_queue, self.topology.job_results_queue],
             self.handle,

@@ -23,7 +23,7 @@ from master.store import Store
 from master.teacher import Teacher
 from shared.backends import Embedder, TextGenerator
 from shared.broker import Consumer, Delivery, Publisher
-from shared.config import Settings
+from shared.config import BrokerConfig, Settings
 from shared.errors import DecodeError, DistillSwarmError
 from shared.job_metrics import MasterJobMetrics
 from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
@@ -210,7 +210,7 @@ class MasterService:
                 self.stop.set()
 
         consumer = Consumer(
-            self.settings.broker,
+            ingest_broker_config(self.settings),
             self.topology,
             [self.topology.reports_queue, self.topology.control_queue],
             self.handle,
@@ -238,6 +238,11 @@ class MasterService:
     def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
         queue = "reports" if delivery.queue == self.topology.reports_queue else "control"
         self.metrics.rejected(queue, reason)
+
+
+def ingest_broker_config(settings: Settings) -> BrokerConfig:
+    """The broker settings of the report/control consumer: ``master.prefetch`` sizes its window."""
+    return settings.broker.model_copy(update={"prefetch": settings.master.prefetch})
 
 
 def restore_metrics(store: Store, metrics: MasterMetrics) -> None:

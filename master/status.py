@@ -18,6 +18,7 @@ COLUMNS = (
     ("sim before", 10),
     ("sim adapted", 11),
     ("sim guided", 10),
+    ("job kinds", 9),
 )
 
 
@@ -41,6 +42,7 @@ def format_table(rows: list[NodeStatus]) -> str:
             _num(r.mean_before, 10),
             _num(r.mean_adapted, 11),
             _num(r.mean_guided, 10),
+            str(len(r.job_kinds)).rjust(9),
         ]
         lines.append("  ".join(cells))
     if not rows:
@@ -48,7 +50,8 @@ def format_table(rows: list[NodeStatus]) -> str:
     lines.append(
         "sim = mean cosine to the master's answer on eval lessons (never trained on): before = "
         "plain answer, adapted = adapter's vector (changes no output), guided = what the pupil "
-        "says with its guidance method"
+        "says with its guidance method; job kinds = how many kinds of job the node takes "
+        "(`--json` lists them)"
     )
     return "\n".join(lines)
 

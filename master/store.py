@@ -105,6 +105,7 @@ class NodeStatus:
     mean_before: float | None
     mean_adapted: float | None
     mean_guided: float | None
+    job_kinds: tuple[str, ...] = ()  # the job kinds the node said it does (its pupil.jobs)
 
 
 class Store:
@@ -376,6 +377,7 @@ class Store:
                     mean_before=agg["before"],
                     mean_adapted=agg["adapted"],
                     mean_guided=agg["guided"],
+                    job_kinds=tuple(info.job_kinds),
                 )
             )
         return out

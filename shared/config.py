@@ -181,6 +181,11 @@ class MasterConfig(_Section):
     # Lessons fan out only to queues that exist, so wait for this many pupils before publishing.
     expect_nodes: int = Field(default=0, ge=0)
     expect_nodes_timeout_s: float = Field(default=300.0, gt=0)
+    # Reports (and control messages) the master's consumer may hold unacked; replaces
+    # broker.prefetch, which sizes a pupil's lessons. At 1 the master waits a broker round trip
+    # (a quorum-queue settle) per report and falls behind 200 reporting nodes (docs/scale.md);
+    # a master that dies with them unacked gets them again, and its store counts each once.
+    prefetch: int = Field(default=100, ge=1, le=1000)
     # Measure the master's self-agreement on eval lessons (one extra generation each unless the
     # master decodes greedily): the ceiling every similarity figure is read against.
     ceiling: bool = True
