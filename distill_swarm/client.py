@@ -58,6 +58,12 @@ class JobFailed(DistillSwarmError):
         self.result = result
 
 
+def _checked(result: JobResult) -> JobResult:
+    if result.error is not None:
+        raise JobFailed(result)
+    return result
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, pex.ChannelClosedByBroker):
         return str(exc.reply_text)
@@ -151,12 +157,8 @@ class JobClient:
         Waits ``timeout_s`` at most (default: the deadline plus ``grace_s`` for the master's own
         answer). Raises JobFailed when the answer is an error, TimeoutError when none came.
         """
-        seconds = deadline_s or self.settings.master.jobs.default_deadline_s
-        future = self.submit_future(kind, payload, seconds)
-        result = future.result(timeout=timeout_s or seconds + self.grace_s)
-        if result.error is not None:
-            raise JobFailed(result)
-        return result
+        future, wait_s = self._submit_and_wait_s(kind, payload, deadline_s, timeout_s)
+        return _checked(future.result(timeout=wait_s))
 
     async def submit_async(
         self,
@@ -166,14 +168,15 @@ class JobClient:
         timeout_s: float | None = None,
     ) -> JobResult:
         """:meth:`submit` for asyncio: awaits the answer without blocking the event loop."""
+        future, wait_s = self._submit_and_wait_s(kind, payload, deadline_s, timeout_s)
+        return _checked(await asyncio.wait_for(asyncio.wrap_future(future), timeout=wait_s))
+
+    def _submit_and_wait_s(
+        self, kind: str, payload: Payload, deadline_s: float | None, timeout_s: float | None
+    ) -> tuple[Future[JobResult], float]:
+        # The submitter waits for the deadline, then for the master's own answer (grace_s).
         seconds = deadline_s or self.settings.master.jobs.default_deadline_s
-        future = self.submit_future(kind, payload, seconds)
-        result = await asyncio.wait_for(
-            asyncio.wrap_future(future), timeout=timeout_s or seconds + self.grace_s
-        )
-        if result.error is not None:
-            raise JobFailed(result)
-        return result
+        return self.submit_future(kind, payload, seconds), timeout_s or seconds + self.grace_s
 
     # -- the connection (background thread) -----------------------------------------------
 

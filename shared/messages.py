@@ -57,6 +57,13 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _in_utc(value: datetime, field: str) -> datetime:
+    """A timezone-aware datetime converted to UTC; a naive one is refused (its zone is a guess)."""
+    if value.tzinfo is None:
+        raise ValueError(f"{field} must carry a timezone (UTC)")
+    return value.astimezone(UTC)
+
+
 class Message(BaseModel):
     """Fields every message shares. Subclasses set ``kind``."""
 
@@ -74,12 +81,7 @@ class Message(BaseModel):
             raise ValueError(f"unknown schema_version {value}; this node speaks {SCHEMA_VERSION}")
         return value
 
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("created_at must carry a timezone (UTC)")
-        return value.astimezone(UTC)
+    _utc = field_validator("created_at")(lambda value: _in_utc(value, "created_at"))
 
 
 class Embedding(BaseModel):
@@ -233,12 +235,7 @@ class Job(Message):
     )
     deadline: datetime
 
-    @field_validator("deadline")
-    @classmethod
-    def _utc_deadline(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("deadline must carry a timezone (UTC)")
-        return value.astimezone(UTC)
+    _utc_deadline = field_validator("deadline")(lambda value: _in_utc(value, "deadline"))
 
 
 class JobResult(Message):

@@ -33,7 +33,7 @@ from shared.errors import BrokerError
 from shared.jobs import OFFLOADABLE
 from shared.messages import JobResult, decode
 from shared.topology import REASON_HEADER, Topology
-from tests.support.live_swarm import free_port, http_get, sample, wait_for
+from tests.support.live_swarm import free_port, http_get, sample, stop_processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models, pytest.mark.broker]
 
@@ -106,15 +106,7 @@ threads = 1
         return JobStore(Store(self.store))
 
     def close(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.processes.values())
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,15 +198,20 @@ class LiveSwarm:
         return http_get(self.pupil_url)
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.processes.values())
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes]], timeout_s: float = 60) -> None:
+    """SIGTERM every process still running, wait for each; kill one that outlasts the timeout."""
+    running = [proc for proc in processes if proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _config(broker: BrokerConfig, master_port: int, pupil_port: int) -> str:
