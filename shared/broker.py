@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.2
 # A publish that fails on a dead connection is retried on a new one this many times.
 MAX_PUBLISH_ATTEMPTS = 5
+# While more deliveries wait, the outcomes of handlers faster than this go to the I/O thread
+# together, at most this many at a time: one wake-up and one multiple-ack frame instead of one
+# each (the master ingesting reports; docs/performance.md). A slower handler's outcome (a
+# pupil's lesson) is handed over at once, as is the last one before the queue runs dry.
+SETTLE_BATCH_FAST_S = 0.005
+SETTLE_BATCH_MAX = 64
 CONTENT_TYPE = "application/json"
 
 _CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, ConnectionError)
@@ -467,11 +473,18 @@ class Consumer:
         )
 
     def _work_loop(self) -> None:
+        done: list[tuple[Delivery, tuple[str, str]]] = []
         while (delivery := self._work.get()) is not None:
             if delivery.generation != self._generation:
                 continue  # from a closed channel: the broker redelivers it
-            outcome = self._run_handler(delivery)
-            self._schedule(functools.partial(self._settle, delivery, outcome))
+            started = time.monotonic()
+            done.append((delivery, self._run_handler(delivery)))
+            fast = time.monotonic() - started < SETTLE_BATCH_FAST_S
+            if not (fast and len(done) < SETTLE_BATCH_MAX and not self._work.empty()):
+                self._schedule(functools.partial(self._settle_all, done))
+                done = []
+        if done:
+            self._schedule(functools.partial(self._settle_all, done))
 
     def _run_handler(self, delivery: Delivery) -> tuple[str, str]:
         if len(delivery.body) > MAX_MESSAGE_BYTES:
@@ -504,6 +517,31 @@ class Consumer:
         # If the connection died meanwhile, the broker redelivers the message: nothing to do.
         with contextlib.suppress(*_CONNECTION_ERRORS):
             connection.add_callback_threadsafe(callback)
+
+    def _settle_all(self, done: list[tuple[Delivery, tuple[str, str]]]) -> None:
+        """Runs on the I/O thread: settle handled deliveries in the order they arrived.
+
+        A run of consecutive acks goes out as one ``multiple`` ack of its last delivery tag.
+        That acks nothing else: the one worker handles deliveries in tag order, so every earlier
+        delivery of this channel was settled already (by an earlier batch or earlier in this
+        one), and a requeue or dead-letter in between is sent, in order, before the next run.
+        """
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return  # the broker redelivers whatever was not settled
+        last_ack: Delivery | None = None
+        for delivery, outcome in done:
+            if delivery.generation != self._generation:
+                continue  # from a closed channel: the broker redelivers it
+            if outcome[0] == "ack":
+                last_ack = delivery
+                continue
+            if last_ack is not None:
+                channel.basic_ack(last_ack.delivery_tag, multiple=True)
+                last_ack = None
+            self._settle(delivery, outcome)
+        if last_ack is not None:
+            channel.basic_ack(last_ack.delivery_tag, multiple=True)
 
     def _settle(self, delivery: Delivery, outcome: tuple[str, str]) -> None:
         """Runs on the I/O thread: ack, requeue or dead-letter one delivery."""
