@@ -20,6 +20,7 @@ import platform
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class PupilNode:
         # Lessons and jobs run on two worker threads: training an adapter and reading it for a
         # job's best-of-K must not interleave.
         self.state_lock = threading.Lock()
+        # Writes the two adapters' checkpoints side by side (see _learn).
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint")
         self.guide = Guide(
             config.guidance, gen, generator, embedder, self.params, self.memory,
             self._predict_master,
@@ -247,34 +250,38 @@ class PupilNode:
     ) -> list[float]:
         """Train both adapters on a train lesson, checkpoint them, remember the lesson.
 
-        Each step is skipped if its checkpoint already holds this lesson: after a crash between
-        checkpoint and journal, the redelivered lesson is not learned twice.
+        Each adapter is skipped if its checkpoint already holds this lesson: after a crash between
+        checkpoint and journal, the redelivered lesson is not learned twice. The two checkpoints
+        are written at the same time: each is atomic on its own, and most of a write is waiting
+        for the disk (fsync), which two writes can share.
         """
         assert lesson.split == "train", "eval lessons are never learned"
-        losses = self._learn_once(self.trainer, self.checkpoint_path, lesson, pupil_vec, master_vec)
-        self._learn_once(
-            self.prompt_trainer, self.prompt_checkpoint_path, lesson, goal_vec, master_vec
+        pairs = (
+            (self.trainer, self.checkpoint_path, pupil_vec),
+            (self.prompt_trainer, self.prompt_checkpoint_path, goal_vec),
         )
-        self.memory.add(lesson.lesson_id, lesson.goal_text, lesson.master_answer, goal_vec)
-        return losses
-
-    def _learn_once(
-        self, trainer: AdapterTrainer, path: Path, lesson: Lesson, x: np.ndarray, y: np.ndarray
-    ) -> list[float]:
-        if trainer.last_lesson_id == lesson.lesson_id:
-            log.info("lesson %s is in %s already", lesson.lesson_id[:8], path.name)
-            return []
-        adapter = self.config.adapter
+        losses: list[list[float]] = []
         with self.state_lock:
-            losses = trainer.learn(
-                lesson.lesson_id,
-                x,
-                y,
-                steps=adapter.steps_per_lesson,
-                batch_size=adapter.batch_size,
-            )
-            save_checkpoint(trainer, path)
-        return losses
+            to_save = []
+            for trainer, path, x in pairs:
+                if trainer.last_lesson_id == lesson.lesson_id:
+                    log.info("lesson %s is in %s already", lesson.lesson_id[:8], path.name)
+                    losses.append([])
+                    continue
+                losses.append(self._train(trainer, lesson, x, master_vec))
+                to_save.append((trainer, path))
+            for future in [self._writer.submit(save_checkpoint, t, p) for t, p in to_save]:
+                future.result()  # raises CheckpointError: the lesson is then not acked
+        self.memory.add(lesson.lesson_id, lesson.goal_text, lesson.master_answer, goal_vec)
+        return losses[0]
+
+    def _train(
+        self, trainer: AdapterTrainer, lesson: Lesson, x: np.ndarray, y: np.ndarray
+    ) -> list[float]:
+        adapter = self.config.adapter
+        return trainer.learn(
+            lesson.lesson_id, x, y, steps=adapter.steps_per_lesson, batch_size=adapter.batch_size
+        )
 
     def answer_job(self, goal_text: str, max_tokens: int) -> Answer:
         """Answer a job's goal with this node's guidance method, as it would a lesson's goal.
@@ -292,7 +299,8 @@ class PupilNode:
         self.journal.mark_reported(lesson_id)
 
     def close(self) -> None:
-        """Release the journal and the memory."""
+        """Release the journal, the memory and the checkpoint writers."""
+        self._writer.shutdown(wait=True)
         self.journal.close()
         self.memory.close()
 

@@ -52,6 +52,13 @@ _REPLAY_TARGETS = "replay.targets"
 _RNG_STATE = "rng.state"
 
 
+# Files this process wrote, by path: (inode, size, mtime in ns) right after the rename. The next
+# save may then rotate the file to .prev without reading and re-hashing it (half of a save's
+# cost, docs/performance.md): it is the file we verified as we wrote it, unless its inode, size or
+# mtime moved. A file replaced or rewritten by anyone else is verified as before.
+_WRITTEN: dict[Path, tuple[int, int, int]] = {}
+
+
 class _CorruptCheckpoint(CheckpointError):
     """The file is unreadable or fails its checksum: worth falling back to the previous one."""
 
@@ -83,15 +90,30 @@ def save_checkpoint(trainer: AdapterTrainer, path: str | os.PathLike[str]) -> Pa
         save_file(tensors, str(temporary), metadata=metadata)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
-        if path.exists() and _is_valid(path):
+        if path.exists() and (_written_here(path) or _is_valid(path)):
             os.replace(path, previous_path(path))
         os.replace(temporary, path)
+        _WRITTEN[path.resolve()] = _fingerprint(path)
     except OSError as error:
+        _WRITTEN.pop(path.resolve(), None)
         raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
     finally:
         temporary.unlink(missing_ok=True)
     _fsync_directory(path.parent)
     return path
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _written_here(path: Path) -> bool:
+    """True if ``path`` is still exactly the file this process last wrote there."""
+    try:
+        return _WRITTEN.get(path.resolve()) == _fingerprint(path)
+    except OSError:
+        return False
 
 
 def load_checkpoint(
@@ -219,7 +241,8 @@ def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
     for name in sorted(tensors):
         tensor = tensors[name]
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
+        # The array itself (buffer protocol), not a bytes copy of it: same digest, no copy.
+        digest.update(np.ascontiguousarray(tensor.numpy()).data)
     fields = {key: value for key, value in metadata.items() if key != CHECKSUM_KEY}
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()

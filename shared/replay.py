@@ -118,7 +118,8 @@ class ReplayBuffer:
         """Return copies of the stored inputs, targets and lesson ids, oldest first."""
         slots = (self._start + np.arange(self._size)) % self.capacity
         ids = [self._lesson_ids[slot] for slot in slots]
-        return self._inputs[slots].copy(), self._targets[slots].copy(), ids
+        # Indexing with an array already copies: no second .copy() (a checkpoint per lesson).
+        return self._inputs[slots], self._targets[slots], ids
 
     @classmethod
     def restore(
