@@ -140,6 +140,7 @@ def framework_ingest(settings: Settings, topology: Topology, expected: int, work
         handle,
         declare=topology.declare_master,
         tick_interval_s=1.0,
+        before_settle=store.commit_deferred,  # one commit per batch, before its acks
     )
     consumer.run(stop)
     stored = store.report_count()

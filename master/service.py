@@ -85,7 +85,11 @@ class MasterService:
     # -- ingestion (consumer thread) --------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> None:
-        """Store one report or control message; raises DecodeError for anything invalid."""
+        """Store one report or control message; raises DecodeError for anything invalid.
+
+        Writes are committed per batch by the consumer (``before_settle``), before the acks.
+        """
+        self.store.defer_commits()
         if delivery.queue == self.topology.reports_queue:
             report = decode(delivery.body, Report)
             assert isinstance(report, Report)
@@ -218,6 +222,7 @@ class MasterService:
             on_tick=tick,
             tick_interval_s=1.0,
             on_dead_letter=self._dead_lettered,
+            before_settle=self.store.commit_deferred,
         )
         self.metrics.watch_connection(consumer.connected)
         threads = [

@@ -368,8 +368,12 @@ class Consumer:
         tick_interval_s: float = 5.0,
         on_dead_letter: Callable[[Delivery, str], None] | None = None,
         shared_prefetch: bool = False,
+        before_settle: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
+        # Called on the worker thread before a batch of outcomes is settled: a handler that
+        # defers its commits makes them durable here, so nothing is acked before it is stored.
+        self._before_settle = before_settle
         # RabbitMQ's prefetch is per consumer: consuming N queues holds up to N x prefetch
         # deliveries. Shared (`global`) makes it one window for the whole channel, so a node
         # consuming six job queues holds one job, not six (classic queues only: quorum queues
@@ -481,10 +485,24 @@ class Consumer:
             done.append((delivery, self._run_handler(delivery)))
             fast = time.monotonic() - started < SETTLE_BATCH_FAST_S
             if not (fast and len(done) < SETTLE_BATCH_MAX and not self._work.empty()):
-                self._schedule(functools.partial(self._settle_all, done))
+                self._schedule(functools.partial(self._settle_all, self._made_durable(done)))
                 done = []
         if done:
-            self._schedule(functools.partial(self._settle_all, done))
+            self._schedule(functools.partial(self._settle_all, self._made_durable(done)))
+
+    def _made_durable(
+        self, done: list[tuple[Delivery, tuple[str, str]]]
+    ) -> list[tuple[Delivery, tuple[str, str]]]:
+        """Run ``before_settle`` (a commit); if it fails, requeue what was to be acked."""
+        if self._before_settle is None:
+            return done
+        try:
+            self._before_settle()
+        except Exception as exc:
+            log.exception("could not make a batch of %d messages durable; requeueing", len(done))
+            requeue = ("requeue", f"could not make the work durable: {exc!r}")
+            return [(d, requeue if outcome[0] == "ack" else outcome) for d, outcome in done]
+        return done
 
     def _run_handler(self, delivery: Delivery) -> tuple[str, str]:
         if len(delivery.body) > MAX_MESSAGE_BYTES:

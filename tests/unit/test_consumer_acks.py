@@ -131,3 +131,31 @@ def test_a_refused_message_is_dead_lettered_between_the_acks_around_it() -> None
         ("ack", 2, False),
         ("ack", 3, True),
     ]
+
+
+def test_nothing_is_acked_before_the_batch_is_durable_and_a_failed_commit_requeues() -> None:
+    events: list[str] = []
+    made = Consumer(
+        BrokerConfig(), Topology("t"), ["q"], lambda d: events.append(f"handled {d.delivery_tag}"),
+        declare=lambda channel: None, before_settle=lambda: events.append("commit"),
+    )  # fmt: skip
+    made._channel = RecordingChannel()
+    run_worker(made, [delivery(1), delivery(2), delivery(3)])
+    assert events == ["handled 1", "handled 2", "handled 3", "commit"]
+    assert frames(made) == [("ack", 3, True)]
+
+    def disk_full() -> None:
+        raise OSError("disk full")
+
+    def refuse_empty(d: Delivery) -> None:
+        if not d.body:
+            raise DecodeError("empty body")
+
+    failing = Consumer(
+        BrokerConfig(), Topology("t"), ["q"], refuse_empty, declare=lambda channel: None,
+        before_settle=disk_full,
+    )  # fmt: skip
+    failing._channel = RecordingChannel()
+    run_worker(failing, [delivery(1), delivery(2, body=b"")])
+    # The handled message goes back to the queue; the refused one is dead-lettered as before.
+    assert frames(failing) == [("nack", 1, True), ("dead-letter", b""), ("ack", 2, False)]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pytest
 
 from master.store import Store
 from shared.messages import Embedding, Lesson, NodeInfo, Report
@@ -92,3 +94,23 @@ def test_status_means_use_eval_lessons_only(tmp_path: Path) -> None:
     assert row.mean_before == 0.6
     assert row.mean_adapted is not None and abs(row.mean_adapted - 0.8) < 1e-9
     assert row.latest_loss == 0.25
+
+
+def test_deferred_writes_are_invisible_until_committed_and_each_stays_atomic(
+    tmp_path: Path,
+) -> None:
+    writer, reader = Store(tmp_path / "m.sqlite3"), Store(tmp_path / "m.sqlite3")
+    writer.defer_commits()
+    assert writer.add_report(report("l1", "a", "eval", 0.5, 0.6))
+    assert writer.add_report(report("l2", "a", "eval", 0.5, 0.6))
+    assert not writer.add_report(
+        report("l1", "a", "eval", 0.5, 0.6)
+    )  # a redelivery inside the batch, seen as one
+    with pytest.raises(sqlite3.IntegrityError):
+        writer.add_report(report("l3", "a", "eval", 0.5, 0.6).model_copy(update={"split": None}))
+    assert reader.report_count() == 0  # another connection sees nothing before the commit
+    writer.commit_deferred()
+    assert reader.report_count() == 2  # the failed write rolled back alone
+    assert reader.delivery_counts()[("l1", "a")] == 2
+    writer.commit_deferred()  # nothing deferred: a no-op
+    assert writer.add_report(report("l4", "a", "eval", 0.5, 0.6)) and reader.report_count() == 3
