@@ -1,7 +1,7 @@
 """The job dispatcher's failure paths over a real RabbitMQ, with the services in threads.
 
 The models are deterministic stand-ins: what is tested is who answers a job and when, never a
-similarity (the end-to-end tests in tests/e2e/test_jobs.py run the real models).
+similarity (the end-to-end tests in tests/e2e/test_job_offloading.py run the real models).
 """
 
 from __future__ import annotations
