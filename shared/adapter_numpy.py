@@ -6,43 +6,24 @@ of resident memory on import and its optimizer pulls in about 75 MB more (torch.
 sympy); this module needs numpy and safetensors' numpy loader, about 25 MB in all (bench/memory.py
 measures both, docs/performance.md has the figures).
 
-It reads a checkpoint written by :mod:`shared.checkpoint`, verifies its SHA-256 checksum exactly as
-that module does (the same bytes and the same dtype names, so a flipped bit is refused here too),
+It reads a checkpoint written by :mod:`shared.checkpoint`, verifies its SHA-256 checksum with the
+same code as that module (:mod:`shared.checkpoint_format`, so a flipped bit is refused here too),
 and computes ``skip(x) + output(relu(hidden(x)))`` in float32, the same function as
 :class:`shared.adapter.EmbeddingAdapter`. Importing it never imports torch (a test checks that).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
+from shared.checkpoint_format import read_verified
 from shared.errors import CheckpointError
 
-# The same values as shared.checkpoint's (which imports torch, so they are repeated here; a unit
-# test keeps the two in step).
-FORMAT_NAME = "distill-swarm-adapter"
-FORMAT_VERSION = "1"
-CHECKSUM_KEY = "checksum_sha256"
 ADAPTER_PREFIX = "adapter."
-# How shared.checkpoint names each dtype in its checksum: torch's names for numpy's dtypes.
-TORCH_DTYPE_NAMES = {
-    np.dtype(np.float16): "torch.float16",
-    np.dtype(np.float32): "torch.float32",
-    np.dtype(np.float64): "torch.float64",
-    np.dtype(np.int8): "torch.int8",
-    np.dtype(np.int16): "torch.int16",
-    np.dtype(np.int32): "torch.int32",
-    np.dtype(np.int64): "torch.int64",
-    np.dtype(np.uint8): "torch.uint8",
-    np.dtype(np.bool_): "torch.bool",
-}
 
 
 @dataclass(frozen=True)
@@ -83,7 +64,7 @@ class NumpyAdapter:
                 has another format version, or does not fit ``in_dim``/``out_dim``/the model.
         """
         path = Path(path)
-        tensors, metadata = _read_verified(path)
+        tensors, metadata = read_verified(path)
         try:
             adapter = cls(
                 hidden_weight=_weight(tensors, "hidden.weight"),
@@ -138,42 +119,3 @@ class NumpyAdapter:
 
 def _weight(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
     return np.ascontiguousarray(tensors[ADAPTER_PREFIX + name], dtype=np.float32)
-
-
-def _read_verified(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor and the metadata of a checkpoint whose checksum holds."""
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as error:  # safetensors raises its own error type and plain ones alike
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable safetensors file ({error})"
-        ) from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not a distill-swarm adapter checkpoint")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {metadata.get('format_version')!r}; this "
-            f"software reads version {FORMAT_VERSION}"
-        )
-    if metadata.get(CHECKSUM_KEY) != checksum(tensors, metadata):
-        raise CheckpointError(f"checkpoint {path} fails its checksum: the file is corrupt")
-    return tensors, metadata
-
-
-def checksum(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-    """The checkpoint checksum of ``shared.checkpoint``, computed from numpy arrays."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = tensors[name]
-        dtype = TORCH_DTYPE_NAMES.get(array.dtype)
-        if dtype is None:
-            raise CheckpointError(f"checkpoint tensor {name} has an unexpected dtype {array.dtype}")
-        digest.update(f"{name}|{dtype}|{tuple(array.shape)}|".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    fields = {key: value for key, value in metadata.items() if key != CHECKSUM_KEY}
-    digest.update(json.dumps(fields, sort_keys=True).encode())
-    return digest.hexdigest()

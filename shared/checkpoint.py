@@ -21,7 +21,6 @@ safetensors files hold only raw tensor bytes and a JSON header, and nothing here
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,19 +30,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shared.adapter import AdapterTrainer
+from shared.checkpoint_format import (
+    CHECKSUM_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CorruptCheckpoint,
+    checksum,
+    read_verified,
+)
 from shared.errors import CheckpointError
 from shared.replay import ReplayBuffer
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "distill-swarm-adapter"
-FORMAT_VERSION = "1"
 PREVIOUS_SUFFIX = ".prev"
-CHECKSUM_KEY = "checksum_sha256"
 
 _ADAPTER = "adapter."
 _OPTIMIZER = "optimizer."
@@ -57,10 +60,6 @@ _RNG_STATE = "rng.state"
 # cost, docs/performance.md): it is the file we verified as we wrote it, unless its inode, size or
 # mtime moved. A file replaced or rewritten by anyone else is verified as before.
 _WRITTEN: dict[Path, tuple[int, int, int]] = {}
-
-
-class _CorruptCheckpoint(CheckpointError):
-    """The file is unreadable or fails its checksum: worth falling back to the previous one."""
 
 
 def previous_path(path: str | os.PathLike[str]) -> Path:
@@ -138,7 +137,7 @@ def load_checkpoint(
     try:
         actual = {name: int(metadata[name]) for name in ("in_dim", "out_dim", "hidden_dim")}
     except (KeyError, ValueError) as error:
-        raise _CorruptCheckpoint(f"checkpoint {path} has bad dimension metadata: {error}") from None
+        raise CorruptCheckpoint(f"checkpoint {path} has bad dimension metadata: {error}") from None
     wrong = [
         f"{name}={actual[name]} (expected {want})"
         for name, want in expected.items()
@@ -183,7 +182,7 @@ def load_latest(
             return load_checkpoint(
                 path, in_dim=in_dim, out_dim=out_dim, embedding_model=embedding_model
             )
-        except _CorruptCheckpoint as error:
+        except CorruptCheckpoint as error:
             if not previous.exists():
                 raise
             log.warning("%s; falling back to the previous checkpoint %s", error, previous)
@@ -237,39 +236,12 @@ def _metadata(trainer: AdapterTrainer, replay_lesson_ids: list[str]) -> dict[str
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        # The array itself (buffer protocol), not a bytes copy of it: same digest, no copy.
-        digest.update(np.ascontiguousarray(tensor.numpy()).data)
-    fields = {key: value for key, value in metadata.items() if key != CHECKSUM_KEY}
-    digest.update(json.dumps(fields, sort_keys=True).encode())
-    return digest.hexdigest()
+    return checksum({name: tensor.numpy() for name, tensor in tensors.items()}, metadata)
 
 
 def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as error:  # safetensors raises its own error type and plain ones alike
-        raise _CorruptCheckpoint(
-            f"checkpoint {path} is not a readable safetensors file ({error}); it may be truncated "
-            "or not a distill-swarm checkpoint"
-        ) from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise _CorruptCheckpoint(f"{path} is not a distill-swarm adapter checkpoint")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {metadata.get('format_version')!r}; this "
-            f"software reads version {FORMAT_VERSION}. Upgrade, or move it away to start fresh."
-        )
-    if metadata.get(CHECKSUM_KEY) != _checksum(tensors, metadata):
-        raise _CorruptCheckpoint(f"checkpoint {path} fails its checksum: the file is corrupt")
-    return tensors, metadata
+    arrays, metadata = read_verified(path)
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}, metadata
 
 
 def _is_valid(path: Path) -> bool:

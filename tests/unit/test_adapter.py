@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,7 @@ from shared.replay import ReplayBuffer
 DIM = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # Matrices this small gain nothing from threads, and on a busy CI machine torch's spinning
-    # worker threads make them many times slower. Restored afterwards: the setting is global.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def normalize(rows: np.ndarray) -> np.ndarray:

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from shared import adapter_numpy, checkpoint
 from shared.adapter import AdapterTrainer
 from shared.adapter_numpy import NumpyAdapter
 from shared.checkpoint import save_checkpoint
 from shared.errors import CheckpointError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained(in_dim: int, out_dim: int, lessons: int = 20) -> AdapterTrainer:
@@ -73,12 +64,6 @@ def test_a_checkpoint_for_other_dims_or_model_is_refused(tmp_path: Path) -> None
         NumpyAdapter.load(path, embedding_model="other-model")
     with pytest.raises(ValueError, match="16"):
         NumpyAdapter.load(path).predict(np.zeros(8, dtype=np.float32))
-
-
-def test_format_constants_match_the_torch_checkpoint_module() -> None:
-    assert adapter_numpy.FORMAT_NAME == checkpoint.FORMAT_NAME
-    assert adapter_numpy.FORMAT_VERSION == checkpoint.FORMAT_VERSION
-    assert adapter_numpy.CHECKSUM_KEY == checkpoint.CHECKSUM_KEY
 
 
 def test_importing_it_does_not_import_torch() -> None:
