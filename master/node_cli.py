@@ -1,12 +1,16 @@
 """`distill-swarm node add|remove`: one RabbitMQ user per pupil node (run on the server side).
 
 The new node's password is printed once, on stdout, inside the AMQP URL to give the node; it is
-never logged. Prefer the generated password: one given with ``--password`` stays in the shell's
-history and is visible in the process list while the command runs.
+never logged. With ``--password-file FILE`` it is written to a new file only its owner can read
+instead, and the command prints the Pi installer's command line that reads that file
+(``deploy/pupil/install.sh --password-file``). Prefer the generated password: one given with
+``--password`` stays in the shell's history and is visible in the process list while the command
+runs.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.parse
 from pathlib import Path
@@ -95,19 +99,39 @@ def add(
     admin_user: AdminUserOpt = "admin",
     admin_password: AdminPasswordOpt = None,
     admin_ca_file: AdminCaOpt = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the password to this new file (mode 0600) instead of printing it, and "
+            "print the Pi installer's command that reads it."
+        ),
+    ] = None,
 ) -> None:
-    """Create NAME's user, allowed only its own queue, reports, control and dead letters."""
+    """Create NAME's user: its own queue, reports, control, dead letters, and reading jobs."""
     topology = _checked(name, namespace)
     secret = password or generate_password()
     base = broker_url or f"amqp://{urllib.parse.urlsplit(admin_url).hostname}:{DEFAULT_AMQP_PORT}"
+    if password_file is not None and (password_file.exists() or not password_file.parent.is_dir()):
+        fail(f"--password-file {password_file}: give a new file in an existing directory")
     with exit_on_errors():
         url = node_url(base, name, secret, vhost)  # checked before anything is created
-        api = _api(admin_url, admin_user, admin_password, admin_ca_file)
-        permissions = add_node(api, topology, vhost, name, secret)
+    if password_file is not None:
+        _write_secret(password_file, secret)  # first: a user is never left without its password
+    try:
+        with exit_on_errors():
+            api = _api(admin_url, admin_user, admin_password, admin_ca_file)
+            permissions = add_node(api, topology, vhost, name, secret)
+    except SystemExit:
+        if password_file is not None:
+            password_file.unlink(missing_ok=True)
+        raise
     typer.echo(f"created RabbitMQ user '{name}' on vhost '{vhost}':")
     typer.echo(f"  configure {permissions.configure}")
     typer.echo(f"  write     {permissions.write}")
     typer.echo(f"  read      {permissions.read}")
+    if password_file is not None:
+        _print_installer(base, vhost, name, namespace, password_file)
+        return
     typer.echo("Run the node with (the password is not shown again):")
     typer.echo(f"AMQP_URL={url}")
     typer.echo(f"DISTILL_SWARM__PUPIL__NODE_ID={name}")
@@ -115,6 +139,30 @@ def add(
     typer.echo("DISTILL_SWARM__BROKER__DECLARE_EXCHANGES=false")
     if url.startswith("amqps:"):
         typer.echo("DISTILL_SWARM__BROKER__TLS_CA_FILE=/path/to/ca.pem   # if not a public CA")
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    # O_EXCL: never overwrite a file, and the mode is set at creation, before a byte is written.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+    except OSError as exc:
+        fail(f"--password-file {path}: {exc.strerror or exc}")
+
+
+def _print_installer(base: str, vhost: str, name: str, namespace: str, secret_file: Path) -> None:
+    broker_url = base.rstrip("/") + "/" + urllib.parse.quote(vhost, safe="")
+    extra = ["--env DISTILL_SWARM__BROKER__DECLARE_EXCHANGES=false"]
+    if namespace != "swarm":
+        extra.append(f"--env DISTILL_SWARM__BROKER__NAMESPACE={namespace}")
+    if base.startswith("amqps:"):
+        extra.append("--env DISTILL_SWARM__BROKER__TLS_CA_FILE=/path/to/ca.pem")
+    typer.echo(f"wrote the password to {secret_file} (mode 0600); copy it to the node, then run:")
+    typer.echo(
+        f"sudo pupil/install.sh --broker-url {broker_url} --node-id {name} --user {name} "
+        f"--password-file /root/{secret_file.name} {' '.join(extra)}"
+    )
 
 
 @app.command("remove")

@@ -15,6 +15,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pika
 import pika.exceptions as pex
@@ -377,6 +378,35 @@ def test_a_wrong_password_is_refused_without_showing_it(
     assert "refused the credentials" in message and "node-a:***@" in message
     assert "not-the-password-55" not in message
     assert all("not-the-password-55" not in record.getMessage() for record in caplog.records)
+
+
+def test_node_add_can_hand_the_password_over_in_a_file_for_the_installer(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    assert swarm.broker.management_url is not None
+    admin = ["--admin-url", swarm.broker.management_url, "--admin-user", ADMIN,
+             "--admin-password", ADMIN_PASSWORD,
+             "--broker-url", f"amqp://127.0.0.1:{swarm.broker.port}"]  # fmt: skip
+    secret_file = tmp_path / "node-c.password"
+    result = cli("add", "node-c", "--password-file", str(secret_file), *admin)
+    assert result.returncode == 0, result.stderr
+    password = secret_file.read_text().strip()
+    assert len(password) >= 32 and password not in result.stdout  # never printed
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    # The installer's command line, with the flags install.sh takes.
+    (command,) = [line for line in result.stdout.splitlines() if "install.sh" in line]
+    assert f"--broker-url amqp://127.0.0.1:{swarm.broker.port}/swarm" in command
+    assert "--node-id node-c --user node-c --password-file /root/node-c.password" in command
+    assert "DISTILL_SWARM__BROKER__DECLARE_EXCHANGES=false" in command
+    url = f"amqp://node-c:{password}@127.0.0.1:{swarm.broker.port}/swarm"
+    with channel_of(BrokerConfig(url=url, connect_attempts=2)) as channel:
+        assert channel.is_open  # the written password is the user's
+    # An existing file is refused before anything is created.
+    again = cli("add", "node-d", "--password-file", str(secret_file), *admin)
+    assert again.returncode == 2 and "give a new file" in again.stderr
+    assert swarm.api.get_user("node-d") is None
+    assert swarm.api.get_user("node-c") is not None
+    remove_node(swarm.api, TOPOLOGY, VHOST, "node-c")
 
 
 def test_add_refuses_an_existing_user_and_remove_refuses_users_it_did_not_make(
