@@ -19,9 +19,9 @@ import numpy as np
 from fast_backend import HashingEmbedder
 
 from shared.backends.templates import render_prompt
-from shared.broker import connect
+from shared.broker import Publisher, connect
 from shared.config import BrokerConfig
-from shared.messages import Embedding, Lesson
+from shared.messages import Embedding, Lesson, encode
 from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +103,16 @@ def make_lessons(
             )
         )
     return lessons
+
+
+def queue_lessons(config: BrokerConfig, topology: Topology, lessons: list[Lesson]) -> None:
+    """Publish every lesson to the lessons fanout, confirmed; queues bound to it get them all."""
+    publisher = Publisher(config)
+    try:
+        for lesson in lessons:
+            publisher.publish(topology.lessons_exchange, "", encode(lesson), lesson.lesson_id)
+    finally:
+        publisher.close()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -40,12 +40,12 @@ from harness import (
     format_table,
     make_lessons,
     proc_status_kib,
+    queue_lessons,
     throwaway_topology,
 )
 
-from shared.broker import Publisher, connect
+from shared.broker import connect
 from shared.config import BrokerConfig
-from shared.messages import Lesson, encode
 from shared.topology import Topology
 
 TARGET_BYTES = 350 * 10**6
@@ -232,16 +232,6 @@ def main() -> int:
     print(f"target: pupil peak RSS <= {TARGET_BYTES / 1e6:.0f} MB: {verdict} ({mb(peak)})")
     print(f"command: .venv/bin/python bench/memory.py --lessons {args.lessons} --dim {args.dim}")
     return 0
-
-
-def queue_lessons(config: BrokerConfig, topology: Topology, lessons: list[Lesson]) -> None:
-    """Publish the lessons to the fanout: the node's queue (declared already) gets them all."""
-    publisher = Publisher(config)
-    try:
-        for lesson in lessons:
-            publisher.publish(topology.lessons_exchange, "", encode(lesson), lesson.lesson_id)
-    finally:
-        publisher.close()
 
 
 def run_node(

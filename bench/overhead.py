@@ -47,6 +47,7 @@ from harness import (
     make_lessons,
     median,
     percentile,
+    queue_lessons,
     throwaway_topology,
 )
 
@@ -413,19 +414,6 @@ def start_profiler(
     profiler = _WorkerProfiler(path, warmup, total)
     service.handle = profiler.around(service.handle)
     return profiler
-
-
-def queue_lessons(config: Any, topology: Any, lessons: list[Any]) -> None:
-    """Publish every lesson to the lessons fanout (which reaches only our node's queue)."""
-    from shared.broker import Publisher
-    from shared.messages import encode
-
-    publisher = Publisher(config)
-    try:
-        for lesson in lessons:
-            publisher.publish(topology.lessons_exchange, "", encode(lesson), lesson.lesson_id)
-    finally:
-        publisher.close()
 
 
 if __name__ == "__main__":
