@@ -70,6 +70,28 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def answer_lesson(
+    node_id: str,
+    lesson: Lesson,
+    generator: EchoGenerator,
+    embedder: HashingEmbedder,
+    params: GenerationParams,
+) -> Report:
+    """A simulated node's report on one lesson: answer, embed, compare; no adapter."""
+    answer = generator.generate(lesson.goal_text, params)
+    vector = embedder.embed([answer])[0]
+    before = cosine(vector, lesson.reference.to_array())
+    return Report(
+        lesson_id=lesson.lesson_id,
+        node_id=node_id,
+        split=lesson.split,
+        pupil_model=generator.model_name,
+        pupil_answer=answer,
+        similarity_before=before,
+        similarity_adapted=before,  # no adapter: the identity's prediction
+    )
+
+
 @dataclass
 class Ledger:
     """What one node saw: per lesson, when it arrived and when its report was confirmed."""
@@ -158,18 +180,7 @@ class SimPupil:
         if lesson.lesson_id in self.ledger.confirmed:
             return  # reported and confirmed before: only the ack was lost, as in the real flow
         self.ledger.received.setdefault(lesson.lesson_id, received)
-        answer = self._generator.generate(lesson.goal_text, self._params)
-        vector = self._embedder.embed([answer])[0]
-        before = cosine(vector, lesson.reference.to_array())
-        report = Report(
-            lesson_id=lesson.lesson_id,
-            node_id=self.node_id,
-            split=lesson.split,
-            pupil_model=self._generator.model_name,
-            pupil_answer=answer,
-            similarity_before=before,
-            similarity_adapted=before,  # no adapter: the identity's prediction
-        )
+        report = answer_lesson(self.node_id, lesson, self._generator, self._embedder, self._params)
         self._publisher.publish(
             self._topology.reports_exchange,
             self._topology.REPORT_KEY,
@@ -402,18 +413,7 @@ class LoopPupil:
             channel.basic_ack(method.delivery_tag)
             return
         self.ledger.received.setdefault(lesson.lesson_id, received)
-        answer = self._generator.generate(lesson.goal_text, self._params)
-        vector = self._embedder.embed([answer])[0]
-        before = cosine(vector, lesson.reference.to_array())
-        report = Report(
-            lesson_id=lesson.lesson_id,
-            node_id=self.node_id,
-            split=lesson.split,
-            pupil_model=self._generator.model_name,
-            pupil_answer=answer,
-            similarity_before=before,
-            similarity_adapted=before,
-        )
+        report = answer_lesson(self.node_id, lesson, self._generator, self._embedder, self._params)
         message_id = f"{lesson.lesson_id}:{self.node_id}"
 
         def confirmed(acked: bool) -> None:
