@@ -71,7 +71,7 @@ from harness import (
 from pika.adapters.blocking_connection import BlockingChannel
 
 from master.prompts import PromptItem
-from master.service import MasterService, ingest_broker_config
+from master.service import MasterService
 from master.store import Store
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import BrokerConfig, MasterConfig, Settings
@@ -134,7 +134,7 @@ def framework_ingest(settings: Settings, topology: Topology, expected: int, work
         counter.finished()
 
     consumer = Consumer(
-        ingest_broker_config(settings),  # what MasterService.run consumes with
+        settings.master_consumer_broker(),  # what MasterService.run consumes with
         topology,
         [topology.reports_queue, topology.control_queue],
         handle,

@@ -358,7 +358,7 @@ class JobDispatcher:
         consumer = Consumer(
             # Like the report consumer, a window of master.prefetch: a burst of submissions
             # must not wait a broker round trip each.
-            self.settings.broker.model_copy(update={"prefetch": self.settings.master.prefetch}),
+            self.settings.master_consumer_broker(),
             self.topology,
             [self.topology.job_submissions_queue, self.topology.job_results_queue],
             self.handle,

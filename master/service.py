@@ -23,7 +23,7 @@ from master.store import Store
 from master.teacher import Teacher
 from shared.backends import Embedder, TextGenerator
 from shared.broker import Consumer, Delivery, Publisher
-from shared.config import BrokerConfig, Settings
+from shared.config import Settings
 from shared.errors import DecodeError, DistillSwarmError
 from shared.job_metrics import MasterJobMetrics
 from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
@@ -59,17 +59,16 @@ class MasterService:
         self.prompts = prompts
         self.metrics = metrics or MasterMetrics(settings.master.metrics_max_nodes)
         restore_metrics(store, self.metrics)
+        # One master model, timed once, for lessons and jobs alike.
+        generator = self.metrics.timed_generator(generator)
         self.teacher = Teacher(
-            settings.master,
-            self.metrics.timed_generator(generator),
-            self.metrics.timed_embedder(embedder),
-            store,
+            settings.master, generator, self.metrics.timed_embedder(embedder), store
         )
         self.stop = stop or threading.Event()
         self.jobs = JobDispatcher(
             settings,
             JobStore(store),
-            MasterAnswerer(settings, self.metrics.timed_generator(generator)),
+            MasterAnswerer(settings, generator),
             embedder,
             MasterJobMetrics(self.metrics.registry, self.metrics.node_label),
             self.stop,
@@ -214,7 +213,7 @@ class MasterService:
                 self.stop.set()
 
         consumer = Consumer(
-            ingest_broker_config(self.settings),
+            self.settings.master_consumer_broker(),
             self.topology,
             [self.topology.reports_queue, self.topology.control_queue],
             self.handle,
@@ -243,11 +242,6 @@ class MasterService:
     def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
         queue = "reports" if delivery.queue == self.topology.reports_queue else "control"
         self.metrics.rejected(queue, reason)
-
-
-def ingest_broker_config(settings: Settings) -> BrokerConfig:
-    """The broker settings of the report/control consumer: ``master.prefetch`` sizes its window."""
-    return settings.broker.model_copy(update={"prefetch": settings.master.prefetch})
 
 
 def restore_metrics(store: Store, metrics: MasterMetrics) -> None:

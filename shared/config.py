@@ -241,6 +241,13 @@ class Settings(_Section):
     master: MasterConfig = MasterConfig()
     pupil: PupilConfig = PupilConfig()
 
+    def master_consumer_broker(self) -> BrokerConfig:
+        """The broker settings of the master's consumers (reports, control, jobs).
+
+        ``master.prefetch`` sizes their window; ``broker.prefetch`` stays the pupils'.
+        """
+        return self.broker.model_copy(update={"prefetch": self.master.prefetch})
+
 
 def load_settings(
     path: Path | None = None,

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from master.service import ingest_broker_config
 from shared.config import load_settings
 from shared.errors import ConfigError
 
 
 def test_by_default_the_master_ingests_with_a_window_and_pupils_take_one_lesson() -> None:
     settings = load_settings(env={})
-    ingest = ingest_broker_config(settings)
+    ingest = settings.master_consumer_broker()
     assert settings.broker.prefetch == 1
     assert ingest.prefetch == settings.master.prefetch >= 10
 
@@ -21,7 +20,7 @@ def test_by_default_the_master_ingests_with_a_window_and_pupils_take_one_lesson(
 def test_master_prefetch_is_configurable_apart_from_the_pupils() -> None:
     env = {"DISTILL_SWARM__MASTER__PREFETCH": "7", "DISTILL_SWARM__BROKER__PREFETCH": "3"}
     settings = load_settings(env=env)
-    ingest = ingest_broker_config(settings)
+    ingest = settings.master_consumer_broker()
     assert (ingest.prefetch, settings.broker.prefetch) == (7, 3)
     # Everything else about the connection is the broker section's.
     assert ingest.model_copy(update={"prefetch": 3}) == settings.broker
