@@ -36,9 +36,14 @@ MAX_PROMPT_CHARS = 16_000
 MAX_ANSWER_CHARS = 32_000
 MAX_EMBEDDING_DIM = 8_192
 MAX_MESSAGE_BYTES = 1_000_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 Split = Literal["train", "eval"]
+# What a node says it is doing: "ok", or "model down" while its model server is out and it takes
+# no lessons or jobs (shared/health.py). More states may come; a master must know them first.
+NodeState = Literal["ok", "model down"]
+MODEL_DOWN: NodeState = "model down"
 MethodName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_+-]{0,31}$")]
 Similarity = Annotated[float, Field(ge=-1.0001, le=1.0001, allow_inf_nan=False)]
 JobKindName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
@@ -99,6 +104,10 @@ class Embedding(BaseModel):
             raise ValueError(f"embedding has {len(self.values)} values but dim says {self.dim}")
         if not all(math.isfinite(v) for v in self.values):
             raise ValueError("embedding contains NaN or infinity")
+        # The vector travels and trains as float32: a value that is finite as a double but past
+        # float32's range (1e39) would become infinity the moment it is used.
+        if any(abs(v) > FLOAT32_MAX for v in self.values):
+            raise ValueError("embedding has a value outside float32's range (|v| > 3.4e38)")
         return self
 
     @classmethod
@@ -193,8 +202,13 @@ class NodeInfo(BaseModel):
     hardware: str = Field(default="", max_length=500)
     adapter_version: int = Field(ge=0, default=0)
     lessons_done: int = Field(ge=0, default=0)
+    # Random per process start: two instances speaking for one node id at once are two machines
+    # with the same id (a cloned SD card), which the master reports. None from older nodes.
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # The job kinds this node consumes (its `pupil.jobs`), so an operator can see who does what.
     job_kinds: list[JobKindName] = Field(default_factory=list, max_length=64)
+    # Defaulted, so the hello and heartbeat of a node that does not send it still validate.
+    state: NodeState = "ok"
 
 
 class Hello(Message):
@@ -284,6 +298,9 @@ def decode(body: bytes, expected: type[M] | None = None) -> M | Message:
         raw: Any = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        # A body of 100k nested brackets fits under the size cap and exhausts the parser's stack.
+        raise DecodeError("not valid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise DecodeError(f"expected a JSON object, got {type(raw).__name__}")
     kind = raw.pop("kind", None)
@@ -296,6 +313,8 @@ def decode(body: bytes, expected: type[M] | None = None) -> M | Message:
         return cls.model_validate(raw)
     except ValidationError as exc:
         raise DecodeError(_summarise(exc)) from None
+    except RecursionError:
+        raise DecodeError("invalid message: nested too deeply") from None
 
 
 def _reject_constant(name: str) -> float:

@@ -1,7 +1,8 @@
 """Hypothesis strategies for bodies a pupil must refuse, one per way a lesson can be wrong.
 
 Every strategy yields ``bytes`` that is not a lesson this pupil may learn from: random bytes,
-wrong JSON types, NaN or infinity in the embedding, wrong dimensions, another embedding model, an
+wrong JSON types, NaN or infinity in the embedding, values past float32's range, JSON nested
+deeper than the parser's stack, wrong dimensions, another embedding model, an
 unknown schema version, and bodies over the size limits. They start from a valid lesson for the
 pupil's space (:func:`tests.faults.lessons.synthetic_lesson`) and break exactly one thing, so a
 refusal is for that reason and no other.
@@ -86,6 +87,20 @@ nan_or_inf = st.builds(
 )
 # A literal too big for a double parses to inf without any NaN token: caught by the validator.
 huge_literal = st.builds(lambda: _reference().replace(b"0.05", b"1e999", 1))
+# Finite as a double, infinite as the float32 the vector trains as.
+float32_overflow = st.builds(
+    lambda index, big: _reference(values=[big if i == index else 0.05 for i in range(MINILM_DIM)]),
+    st.integers(min_value=0, max_value=MINILM_DIM - 1),
+    st.sampled_from([1e39, -1e39, 3.5e38, 1e300]),
+)
+# Valid JSON nested deeper than the parser's stack, small enough to pass the size cap.
+deeply_nested = st.builds(
+    lambda depth, where: _body(lambda raw: raw.__setitem__(where, "@")).replace(
+        b'"@"', b"[" * depth + b"]" * depth
+    ),
+    st.integers(min_value=10_000, max_value=200_000),
+    st.sampled_from(["preferences", "reference", "goal_text"]),
+)
 wrong_dims = st.one_of(
     # dim and values disagree: invalid on its face
     st.builds(
@@ -125,6 +140,8 @@ CATEGORIES: dict[str, st.SearchStrategy[bytes]] = {
     "random bytes": random_bytes,
     "wrong types": wrong_types,
     "NaN/inf": nan_or_inf | huge_literal,
+    "float32 overflow": float32_overflow,
+    "deeply nested": deeply_nested,
     "wrong dims": wrong_dims,
     "wrong embedding model": wrong_model,
     "unknown schema version": unknown_schema,

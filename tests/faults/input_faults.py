@@ -27,7 +27,7 @@ from tests.faults.process_faults import NODE
 from tests.faults.result import FaultResult, tally
 from tests.faults.wiretap import WireTap
 
-BAD_PER_CATEGORY = 4  # x 7 categories
+BAD_PER_CATEGORY = 4  # x 9 categories
 VALID_LESSONS = 4
 REJECTED = "distill_swarm_messages_rejected_total"
 CHECKPOINTS = ("adapter.safetensors", "prompt_adapter.safetensors")

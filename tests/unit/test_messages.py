@@ -180,3 +180,30 @@ def test_a_reason_quoting_hostile_input_stays_on_one_line() -> None:
     with pytest.raises(DecodeError) as info:
         decode(json.dumps(raw).encode())
     assert "\n" not in str(info.value) and "\\n" in str(info.value)
+
+
+@pytest.mark.parametrize("big", [1e39, -1e39, 3.5e38, 1e300])
+def test_values_past_float32_range_are_refused(big: float) -> None:
+    # Finite as a double, so the JSON check passes; infinite once cast to the float32 it trains as.
+    raw = as_raw(encode(make_lesson()))
+    values = raw["reference"]["values"]  # type: ignore[index]
+    values[3] = big
+    with pytest.raises(DecodeError, match="float32"):
+        decode(json.dumps(raw).encode(), Lesson)
+
+
+def test_largest_float32_is_accepted() -> None:
+    raw = as_raw(encode(make_lesson()))
+    raw["reference"]["values"][0] = float(np.finfo(np.float32).max)  # type: ignore[index]
+    lesson = decode(json.dumps(raw).encode(), Lesson)
+    assert isinstance(lesson, Lesson)
+    assert np.isfinite(lesson.reference.to_array()).all()
+
+
+@pytest.mark.parametrize("depth", [10_000, 200_000])
+def test_deeply_nested_json_is_a_decode_error(depth: int) -> None:
+    # Under the size cap, but deeper than the parser's stack: must not escape as RecursionError.
+    body = b'{"kind":"lesson","preferences":' + b"[" * depth + b"]" * depth + b"}"
+    assert len(body) < MAX_MESSAGE_BYTES
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode(body, Lesson)
