@@ -20,12 +20,13 @@ import platform
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pupil_node.disk import StateWriteFailed, free_bytes, is_storage_failure, state_write
 from pupil_node.guidance import Answer, Goal, Guide
 from pupil_node.journal import Journal
 from pupil_node.memory import LessonMemory
@@ -176,6 +177,7 @@ class PupilNode:
                 "its report was confirmed, acking" if done.reported else "sending its report again",
             )
             return Outcome(lesson.lesson_id, done.report, replayed=True, reported=done.reported)
+        self._check_free_space()
         # Says which lesson is in hand: an operator (or a fault test) can tell a lesson that
         # was cut short from one that never started.
         log.info("lesson %s (%s): started", lesson.lesson_id[:8], lesson.split)
@@ -233,7 +235,8 @@ class PupilNode:
         )
         body = encode(report)
         # 4. Journal before publishing: from here on a redelivery replays this report.
-        self.journal.record(lesson.lesson_id, body)
+        with state_write(f"journal lesson {lesson.lesson_id}"):
+            self.journal.record(lesson.lesson_id, body)
         log.info(
             "lesson %s (%s): before=%s adapted=%.3f%s%s",
             lesson.lesson_id[:8],
@@ -250,10 +253,12 @@ class PupilNode:
     ) -> list[float]:
         """Train both adapters on a train lesson, checkpoint them, remember the lesson.
 
-        Each adapter is skipped if its checkpoint already holds this lesson: after a crash between
-        checkpoint and journal, the redelivered lesson is not learned twice. The two checkpoints
-        are written at the same time: each is atomic on its own, and most of a write is waiting
-        for the disk (fsync), which two writes can share.
+        Each adapter is skipped if its checkpoint already holds this lesson (one of its pending
+        lessons): after a crash, or a full disk, between checkpoint and journal, the lesson is not
+        learned twice when it comes back, even after other lessons. The two checkpoints are
+        written at the same time: each is atomic on its own, and most of a write is waiting for
+        the disk (fsync), which two writes can share. A failed write rolls the adapters back
+        (:meth:`_save`); a full disk raises :class:`StateWriteFailed` (the lesson is requeued).
         """
         assert lesson.split == "train", "eval lessons are never learned"
         pairs = (
@@ -264,16 +269,67 @@ class PupilNode:
         with self.state_lock:
             to_save = []
             for trainer, path, x in pairs:
-                if trainer.last_lesson_id == lesson.lesson_id:
+                self._forget_journalled(trainer)
+                if trainer.holds(lesson.lesson_id):
                     log.info("lesson %s is in %s already", lesson.lesson_id[:8], path.name)
                     losses.append([])
                     continue
                 losses.append(self._train(trainer, lesson, x, master_vec))
                 to_save.append((trainer, path))
-            for future in [self._writer.submit(save_checkpoint, t, p) for t, p in to_save]:
-                future.result()  # raises CheckpointError: the lesson is then not acked
-        self.memory.add(lesson.lesson_id, lesson.goal_text, lesson.master_answer, goal_vec)
+            self._save(lesson, to_save)
+        with state_write(f"remember lesson {lesson.lesson_id}"):
+            self.memory.add(lesson.lesson_id, lesson.goal_text, lesson.master_answer, goal_vec)
         return losses[0]
+
+    def _forget_journalled(self, trainer: AdapterTrainer) -> None:
+        # A pending lesson the journal holds is done: the next checkpoint need not carry it.
+        done = [i for i in trainer.pending_lesson_ids if self.journal.entry(i) is not None]
+        trainer.forget_pending(done)
+
+    def _save(self, lesson: Lesson, to_save: list[tuple[AdapterTrainer, Path]]) -> None:
+        """Write the trainers' checkpoints side by side; if any write fails, roll back to disk.
+
+        The adapters in memory must never run ahead of their files: a lesson trained in memory
+        only would be reported as trained though a restart would not find it, or be saved along
+        with a later lesson and then trained again when it came back. So a failed write reloads
+        both adapters from their last durable checkpoints (weights, optimizer, replay buffer,
+        version and pending lessons alike), and the lesson is trained again from there when it
+        is retried. Runs under ``state_lock``.
+        """
+        futures = [self._writer.submit(save_checkpoint, t, p) for t, p in to_save]
+        wait(futures)  # both writes are over before the files are read back
+        errors = [error for f in futures if (error := f.exception()) is not None]
+        if not errors:
+            return
+        self.trainer = self._load_or_create(self.checkpoint_path)
+        self.prompt_trainer = self._load_or_create(self.prompt_checkpoint_path)
+        log.warning(
+            "lesson %s: checkpoint not written (%s); adapters rolled back to versions %d and %d, "
+            "as on disk",
+            lesson.lesson_id[:8],
+            errors[0],
+            self.trainer.version,
+            self.prompt_trainer.version,
+        )
+        with state_write(f"checkpoint lesson {lesson.lesson_id}"):
+            raise errors[0]  # a full disk requeues the lesson; anything else is a bug: as is
+
+    def state_free_bytes(self) -> int:
+        """Bytes still free for the node's state (checkpoints, journal, memory)."""
+        return free_bytes(self.checkpoint_path.parent)
+
+    def _check_free_space(self) -> None:
+        # Every new lesson writes state: a train lesson two checkpoints, the memory and the
+        # journal. Short of the minimum, take none: the lesson waits in the queue rather than be
+        # answered only to fail at its checkpoint.
+        minimum = self.config.min_free_bytes
+        free = self.state_free_bytes()
+        if free < minimum:
+            raise StateWriteFailed(
+                f"the state directory {self.checkpoint_path.parent} has {free} bytes free, "
+                f"under pupil.min_free_bytes ({minimum}); lessons wait in the queue until "
+                "space is freed"
+            )
 
     def _train(
         self, trainer: AdapterTrainer, lesson: Lesson, x: np.ndarray, y: np.ndarray
@@ -295,8 +351,18 @@ class PupilNode:
         return guide.answer(self.config.guidance.method, Goal(goal_text), goal_vec)
 
     def mark_reported(self, lesson_id: str) -> None:
-        """Note that the broker confirmed the lesson's report: a redelivery is then only acked."""
-        self.journal.mark_reported(lesson_id)
+        """Note that the broker confirmed the lesson's report: a redelivery is then only acked.
+
+        On a full disk the note is skipped with a warning: the report is confirmed, so the
+        lesson is acked all the same, and the only cost is that a redelivery (rare: the ack was
+        lost) would send the journalled report again.
+        """
+        try:
+            self.journal.mark_reported(lesson_id)
+        except Exception as exc:
+            if not is_storage_failure(exc):
+                raise
+            log.warning("lesson %s: report confirmed but not noted (%s)", lesson_id[:8], exc)
 
     def close(self) -> None:
         """Release the journal, the memory and the checkpoint writers."""

@@ -53,6 +53,8 @@ class PupilService:
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.stop = stop or threading.Event()
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
+        # A full state disk stops a node's learning (its lessons wait in the queue): say so.
+        self.metrics.watch_free_space(node.state_free_bytes)
         self.jobs = JobWorker(
             node, self.publisher, self.topology, PupilJobMetrics(self.metrics.registry)
         )

@@ -236,6 +236,11 @@ class AdapterTrainer:
             adapter produced a figure.
         lessons_trained: how many lessons :meth:`learn` has trained on.
         last_lesson_id: the id of the most recent of them, or ``None``.
+        pending_lesson_ids: lessons trained here that the owner has not yet recorded as done
+            elsewhere (a pupil: not yet journalled), oldest first. A checkpoint carries them, so
+            a lesson trained and saved but never journalled is recognised whenever it comes back
+            (:meth:`holds`), however many lessons were trained since; the owner drops them with
+            :meth:`forget_pending` once they are recorded, so the list stays short.
         embedding_model: the name of the embedding model the adapter's space belongs to; a
             checkpoint refuses to load into a node that embeds with another model.
     """
@@ -269,6 +274,16 @@ class AdapterTrainer:
         self.version = 0
         self.lessons_trained = 0
         self.last_lesson_id: str | None = None
+        self.pending_lesson_ids: list[str] = []
+
+    def holds(self, lesson_id: str) -> bool:
+        """True if this adapter trained on ``lesson_id`` and the lesson is still pending."""
+        return lesson_id in self.pending_lesson_ids
+
+    def forget_pending(self, lesson_ids: Iterable[str]) -> None:
+        """Drop lessons the owner has recorded as done from :attr:`pending_lesson_ids`."""
+        done = set(lesson_ids)
+        self.pending_lesson_ids = [i for i in self.pending_lesson_ids if i not in done]
 
     @property
     def in_dim(self) -> int:
@@ -333,6 +348,8 @@ class AdapterTrainer:
         self.version += 1
         self.lessons_trained += 1
         self.last_lesson_id = lesson_id
+        if lesson_id not in self.pending_lesson_ids:
+            self.pending_lesson_ids.append(lesson_id)
         return losses
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ Format: one safetensors file. Tensors:
 Metadata (all strings): ``format``, ``format_version``, ``in_dim``, ``out_dim``, ``hidden_dim``,
 ``version``, ``last_lesson_id`` (empty when none), ``lessons_trained``, ``loss_name``,
 ``embedding_model``, ``created_at`` (UTC, ISO 8601), the optimizer's hyper-parameters,
-``replay_capacity``, ``replay_lesson_ids`` (a JSON list) and ``checksum_sha256``: a SHA-256 over
+``replay_capacity``, ``replay_lesson_ids`` (a JSON list), ``pending_lesson_ids`` (a JSON list:
+lessons trained in this file that the node had not journalled yet; absent in files written before
+it, which count their ``last_lesson_id`` as pending) and ``checksum_sha256``: a SHA-256 over
 every tensor (name, dtype, shape, bytes) and every other metadata entry, so a flipped bit anywhere
 that still parses is caught.
 
@@ -24,12 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from shared.adapter import AdapterTrainer
@@ -53,6 +57,8 @@ _OPTIMIZER = "optimizer."
 _REPLAY_INPUTS = "replay.inputs"
 _REPLAY_TARGETS = "replay.targets"
 _RNG_STATE = "rng.state"
+# How safetensors quotes the OS error behind a failed write: "... (os error 28)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 # Files this process wrote, by path: (inode, size, mtime in ns) right after the rename. The next
@@ -86,7 +92,7 @@ def save_checkpoint(trainer: AdapterTrainer, path: str | os.PathLike[str]) -> Pa
     metadata[CHECKSUM_KEY] = _checksum(tensors, metadata)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(temporary), metadata=metadata)
+        _save_file(tensors, temporary, metadata)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         if path.exists() and (_written_here(path) or _is_valid(path)):
@@ -100,6 +106,23 @@ def save_checkpoint(trainer: AdapterTrainer, path: str | os.PathLike[str]) -> Pa
         temporary.unlink(missing_ok=True)
     _fsync_directory(path.parent)
     return path
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, raising OSError when the OS refused a write.
+
+    safetensors reports an I/O failure as a SafetensorError whose message ends in "(os error
+    28)"; turned back into the OSError it was, a full disk can be told from a bug by the caller
+    (the pupil requeues a lesson whose checkpoint the disk refused, docs/decisions.md).
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        found = _OS_ERROR.search(str(error))
+        if found is None:
+            raise CheckpointError(f"could not serialise checkpoint {path}: {error}") from None
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from error
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int]:
@@ -232,6 +255,7 @@ def _metadata(trainer: AdapterTrainer, replay_lesson_ids: list[str]) -> dict[str
         "weight_decay": repr(float(group["weight_decay"])),
         "replay_capacity": str(trainer.replay.capacity),
         "replay_lesson_ids": json.dumps(replay_lesson_ids),
+        "pending_lesson_ids": json.dumps(trainer.pending_lesson_ids),
     }
 
 
@@ -296,6 +320,12 @@ def _rebuild(
     trainer.version = int(metadata["version"])
     trainer.lessons_trained = int(metadata["lessons_trained"])
     trainer.last_lesson_id = metadata["last_lesson_id"] or None
+    # A file from before the pending list knew only its last lesson: that one may be unjournalled.
+    default_pending = json.dumps([trainer.last_lesson_id] if trainer.last_lesson_id else [])
+    pending = json.loads(metadata.get("pending_lesson_ids", default_pending))
+    if not isinstance(pending, list) or not all(isinstance(i, str) for i in pending):
+        raise ValueError("pending_lesson_ids is not a list of lesson ids")
+    trainer.pending_lesson_ids = pending
     return trainer
 
 

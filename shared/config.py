@@ -210,6 +210,15 @@ class PupilConfig(_Section):
     node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     state_dir: Path = Path("distill-swarm-pupil")
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    # Below this many bytes free where the state directory lives, the node takes no new lesson:
+    # each goes back to the queue (with backoff) until space is freed, and the node's
+    # distill_swarm_state_free_bytes gauge shows why. 64 MiB covers a train lesson's writes with
+    # room to spare: both adapters' new checkpoints are written before the old ones go (4 MB each
+    # at 384 dims and 11 MB at 1024, with the default adapter and a full replay buffer), and
+    # SQLite's write-ahead logs grow to about 4 MB each before they are recycled. A margin, not
+    # the guarantee: a write that fails anyway rolls the adapters back and requeues the lesson.
+    # 0 turns the check off.
+    min_free_bytes: int = Field(default=64 * 2**20, ge=0)
     # Prometheus /metrics over HTTP (0 turns it off). The master re-exports every node's figures,
     # so a node behind NAT needs no scraping; this endpoint is for nodes Prometheus can reach.
     metrics_port: int = Field(default=9465, ge=0, le=65535)

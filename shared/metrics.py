@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar, get_args
 from wsgiref.simple_server import WSGIServer
@@ -233,6 +234,16 @@ class PupilMetrics(ServiceMetrics):
             registry=self.registry,
         )
         self.figures = ReportFigures(self.registry, PREFIX, ())
+        self.state_free_bytes = Gauge(
+            PREFIX + "state_free_bytes",
+            "Bytes free on the file system of this node's state directory (checkpoints, journal, "
+            "memory). Below pupil.min_free_bytes the node takes no new lesson.",
+            registry=self.registry,
+        )
+
+    def watch_free_space(self, free_bytes: Callable[[], int]) -> None:
+        """Report ``free_bytes()`` (measured at each scrape) as the state_free_bytes gauge."""
+        self.state_free_bytes.set_function(lambda: float(free_bytes()))
 
     def record_lesson(self, report_body: bytes, replayed: bool) -> None:
         """Record one finished lesson from the encoded report the lesson flow produced."""
