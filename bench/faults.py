@@ -26,7 +26,15 @@ sys.path.insert(0, str(ROOT))
 from tests.faults.result import FaultResult  # noqa: E402
 from tests.faults.scenarios import SCENARIOS, private_brokers  # noqa: E402
 
-COLUMNS = ("scenario", "lessons sent", "reports received", "lost", "duplicated", "recovery (s)")
+COLUMNS = (
+    "scenario",
+    "lessons sent",
+    "reports received",
+    "lost",
+    "duplicated",
+    "trained twice",
+    "recovery (s)",
+)
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -48,7 +56,9 @@ def row(result: FaultResult) -> tuple[str, ...]:
     """One table row."""
     recovery = "-" if result.recovery_s is None else f"{result.recovery_s:.1f}"
     numbers = (result.lessons_sent, result.reports_received, result.lost, result.duplicated)
-    return (result.scenario, *(str(n) for n in numbers), recovery)
+    # Counted only by the scenarios that read the pupil's adapter checkpoint for it.
+    twice = "-" if result.trained_twice is None else str(result.trained_twice)
+    return (result.scenario, *(str(n) for n in numbers), twice, recovery)
 
 
 def main() -> int:
@@ -71,7 +81,8 @@ def main() -> int:
             except Exception:
                 failed = True
                 traceback.print_exc()
-                rows.append((f"{scenario.key} (FAILED, see above)", "-", "-", "-", "-", "-"))
+                failed_row = (f"{scenario.key} (FAILED, see above)",)
+                rows.append(failed_row + ("-",) * (len(COLUMNS) - 1))
     print(format_table(rows))
     print(
         f"{len(chosen)} scenarios in {time.monotonic() - started:.0f}s; logs in {workdir}",

@@ -31,7 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
+import numpy as np
 from pika.adapters.blocking_connection import BlockingChannel
 
 from master.identity import check_identity
@@ -41,6 +43,7 @@ from shared.backends.templates import render_prompt
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
 from shared.errors import DecodeError, PublishNotConfirmed, one_line
+from shared.health import Dependency
 from shared.job_metrics import MasterJobMetrics, fallback_class
 from shared.jobs import job_kind, render_goal
 from shared.messages import MASTER, Job, JobResult, decode, encode
@@ -48,6 +51,8 @@ from shared.similarity import cosine
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Priorities of the master worker's queue: answers somebody waits for come before samples.
 ANSWER, SAMPLE = 0, 1
@@ -91,8 +96,12 @@ class JobDispatcher:
         metrics: MasterJobMetrics,
         stop: threading.Event,
         rejected: Callable[[str, str], None] | None = None,
+        model: Dependency | None = None,
     ) -> None:
         self.settings = settings
+        # The master's model server: while it is down, the master's answers wait for it (the
+        # job stays open) instead of going to the submitter as errors.
+        self.model = model
         self.config = settings.master.jobs
         self.topology = Topology(
             settings.broker.namespace, settings.broker.quorum_queues, self.config.offloaded
@@ -242,7 +251,10 @@ class JobDispatcher:
         error = None
         output = ""
         try:
-            output = self.answerer.answer(row.kind, row.text, row.params)
+            answer = self._with_model(lambda: self.answerer.answer(row.kind, row.text, row.params))
+            if answer is None:
+                return  # stopped while the model was down: the job stays open for the restart
+            output = answer
         except Exception as exc:
             error = one_line(f"the master could not answer: {type(exc).__name__}: {exc}")[:2000]
         result = JobResult(
@@ -268,8 +280,15 @@ class JobDispatcher:
         row = self.store.get(pupil.job_id)
         if row is None:
             return
-        master = self.answerer.answer(row.kind, row.text, row.params)
-        vectors = self.embedder.embed([pupil.output or " ", master])
+
+        def answer_and_embed() -> tuple[str, np.ndarray]:
+            answer = self.answerer.answer(row.kind, row.text, row.params)
+            return answer, self.embedder.embed([pupil.output or " ", answer])
+
+        sampled = self._with_model(answer_and_embed)
+        if sampled is None:
+            return  # stopped while the model was down; a sample is only a measurement
+        master, vectors = sampled
         agreement = cosine(vectors[0], vectors[1])
         self.store.add_sample(
             row.job_id, row.kind, pupil.answered_by, pupil.output, master, agreement
@@ -284,6 +303,12 @@ class JobDispatcher:
             pupil.answered_by,
             agreement,
         )
+
+    def _with_model(self, work: Callable[[], T]) -> T | None:
+        """``work()``, waiting out outages of the master's model; None if stopped meanwhile."""
+        if self.model is None:
+            return work()
+        return self.model.call(work, self.stop)
 
     def _sampled(self, job_id: str) -> bool:
         return is_sampled(job_id, self.config.sample_rate)

@@ -3,13 +3,15 @@
 Three threads, each with its own broker connection:
 - the *consumer* (the caller's thread) ingests reports and hello/heartbeat/goodbye messages;
 - the *publisher* thread waits for the expected pupils, then answers each prompt with the master
-  model and publishes the lesson, skipping lessons an earlier run already published;
+  model and publishes the lesson, skipping lessons an earlier run already published; while the
+  master's model server is down it waits for it (probing with backoff) instead of failing the run;
 - the *jobs* thread runs the :class:`~master.jobs.JobDispatcher` (which starts two more: deadlines
   and the master's own job answers).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,10 +23,11 @@ from master.jobs import JobDispatcher, MasterAnswerer
 from master.prompts import PromptItem
 from master.store import Store
 from master.teacher import Teacher
-from shared.backends import Embedder, TextGenerator
+from shared.backends import Embedder, TextGenerator, probe
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
-from shared.errors import DecodeError, DistillSwarmError
+from shared.errors import DecodeError, DistillSwarmError, ModelDown
+from shared.health import Dependency
 from shared.job_metrics import MasterJobMetrics
 from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
 from shared.metrics import MasterMetrics
@@ -59,6 +62,16 @@ class MasterService:
         self.prompts = prompts
         self.metrics = metrics or MasterMetrics(settings.master.metrics_max_nodes)
         restore_metrics(store, self.metrics)
+        # The master's model server, which lessons and the master's job answers wait for while it
+        # is down (shared/health.py); probed through the raw backends, not the timed wrappers.
+        self.model = Dependency(
+            "master model",
+            lambda: probe(generator, embedder),
+            (ModelDown,),
+            probe_base_s=settings.health.model_probe_base_s,
+            probe_max_s=settings.health.model_probe_max_s,
+        )
+        self.metrics.watch_model(self.model)
         # One master model, timed once, for lessons and jobs alike.
         generator = self.metrics.timed_generator(generator)
         self.teacher = Teacher(
@@ -73,6 +86,7 @@ class MasterService:
             MasterJobMetrics(self.metrics.registry, self.metrics.node_label),
             self.stop,
             rejected=self.metrics.rejected,
+            model=self.model,
         )
         self.lesson_ids: list[str] = []
         self.publishing_done = threading.Event()
@@ -112,7 +126,9 @@ class MasterService:
         if isinstance(message, Hello | Heartbeat | Goodbye):
             self._check_identity(message.node.node_id, delivery)
         if isinstance(message, Hello | Heartbeat):
-            self.store.touch_node(message.node, "online")
+            # "online", or what the node says it is doing instead ("model down").
+            state = "online" if message.node.state == "ok" else message.node.state
+            self.store.touch_node(message.node, state)
             self.metrics.record_node(message.node, online=True)
         elif isinstance(message, Goodbye):
             self.store.touch_node(message.node, "offline")
@@ -153,7 +169,13 @@ class MasterService:
             for seq, item in enumerate(self.prompts):
                 if self.stop.is_set():
                     return
-                lesson, published = self.teacher.lesson_for(item, seq)
+                # Waits out an outage of the master's model: the lesson is made once it is back.
+                made = self.model.call(
+                    functools.partial(self.teacher.lesson_for, item, seq), self.stop
+                )
+                if made is None:
+                    return  # stopped while the model was down
+                lesson, published = made
                 self.lesson_ids.append(lesson.lesson_id)
                 if published:
                     continue
@@ -236,6 +258,7 @@ class MasterService:
             self.stop.set()  # the consumer may end by raising: the other threads must end too
             for thread in threads:
                 thread.join(timeout=10)
+            self.model.close()
         if self.failure is not None:
             raise self.failure
 
@@ -251,7 +274,7 @@ def restore_metrics(store: Store, metrics: MasterMetrics) -> None:
         if info is None:
             continue
         last_seen_s = datetime.fromisoformat(row.last_seen).timestamp()
-        online = row.state == "online"
+        online = row.state != "offline"  # "model down" is online: it heartbeats, it waits
         metrics.restore_node(info, online, last_seen_s, store.latest_reports(row.node_id))
 
 

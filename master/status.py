@@ -9,7 +9,7 @@ from master.store import NodeStatus
 
 COLUMNS = (
     ("node", 12),
-    ("state", 7),
+    ("state", 10),  # online, offline, or "model down" (the node's model server is out)
     ("last seen (UTC)", 19),
     ("lessons", 7),
     ("errors", 6),
@@ -33,7 +33,7 @@ def format_table(rows: list[NodeStatus]) -> str:
     for r in rows:
         cells = [
             r.node_id.ljust(12),
-            r.state.ljust(7),
+            r.state.ljust(10),
             r.last_seen[:19].replace("T", " "),
             str(r.lessons_done).rjust(7),
             str(r.errors).rjust(6),

@@ -12,8 +12,10 @@ each job:
   published to the master (``reply_to`` key, ``correlation_id`` = job id) before the job is acked.
   A node killed mid-job never acks it, so the broker hands it to another pupil.
 
-Backend failures (Ollama down) are reported as errors too: the master's answer is faster than
-waiting for this node to recover.
+Backend failures are reported as errors too: the master's answer is faster than waiting for this
+node to recover. A model *outage* (``ModelDown``: Ollama unreachable or unavailable) also marks the
+node's model down, so the job consumer takes no further job until the model answers a probe
+again (shared/health.py): a node without its model must not pull jobs that other pupils could do.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from datetime import UTC, datetime
 
 from pupil_node.node import PupilNode
 from shared.broker import Delivery, Publisher
-from shared.errors import BackendError, DecodeError, one_line
+from shared.errors import BackendError, DecodeError, ModelDown, one_line
+from shared.health import Dependency
 from shared.job_metrics import PupilJobMetrics
 from shared.jobs import InvalidJob, job_kind, render_goal
 from shared.messages import Job, JobResult, decode, encode
@@ -42,11 +45,14 @@ class JobWorker:
         publisher: Publisher,
         topology: Topology,
         metrics: PupilJobMetrics,
+        model: Dependency | None = None,
     ) -> None:
         self.node = node
         self.publisher = publisher
         self.topology = topology
         self.metrics = metrics
+        # The node's model as a dependency: an outage noticed here pauses the job consumer.
+        self.model = model
 
     def handle(self, delivery: Delivery) -> None:
         """Do one job; raises DecodeError for a job to dead-letter (after telling the master)."""
@@ -75,6 +81,8 @@ class JobWorker:
             output, error = answer.text, None
         except BackendError as exc:
             output, error = "", one_line(f"{type(exc).__name__}: {exc}")[:2000]
+            if isinstance(exc, ModelDown) and self.model is not None:
+                self.model.mark_down(exc)
         elapsed = time.perf_counter() - started
         self._send(JobResult(
             job_id=job.job_id, job_kind=job.job_kind, answered_by=self.node.node_id,

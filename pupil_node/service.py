@@ -11,6 +11,11 @@ Reports and control messages go out on a separate, confirming publisher connecti
 acked only after its report is confirmed. The keepalive work has its own thread because a
 publisher waiting for a broker that is down (or for the worker's publish) must never stall the
 consumer's I/O thread.
+
+The node's model server is a :class:`~shared.health.Dependency` both consumers pause on: while it
+is down, the lesson in hand stays unacked, no new lesson or job is taken, a prober thread asks the
+server with backoff, and the heartbeat says ``model down`` (sent at once, not at the next
+interval), so `distill-swarm status` shows it.
 """
 
 from __future__ import annotations
@@ -23,11 +28,24 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from pupil_node.jobs import JobWorker
 from pupil_node.node import PupilNode
+from shared.backends import probe
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
-from shared.errors import EmbeddingMismatch
+from shared.errors import EmbeddingMismatch, ModelDown
+from shared.health import Dependency
 from shared.job_metrics import PupilJobMetrics
-from shared.messages import Goodbye, Heartbeat, Hello, Lesson, Message, Report, decode, encode
+from shared.messages import (
+    MODEL_DOWN,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Lesson,
+    Message,
+    NodeInfo,
+    Report,
+    decode,
+    encode,
+)
 from shared.metrics import PupilMetrics
 from shared.topology import Topology
 
@@ -55,8 +73,18 @@ class PupilService:
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
         # A full state disk stops a node's learning (its lessons wait in the queue): say so.
         self.metrics.watch_free_space(node.state_free_bytes)
+        health = settings.health
+        self.model = Dependency(
+            "model",
+            lambda: probe(node.generator, node.embedder),
+            (ModelDown,),
+            probe_base_s=health.model_probe_base_s,
+            probe_max_s=health.model_probe_max_s,
+        )
+        self.metrics.watch_model(self.model)
+        self.model.on_change(self._model_changed)
         self.jobs = JobWorker(
-            node, self.publisher, self.topology, PupilJobMetrics(self.metrics.registry)
+            node, self.publisher, self.topology, PupilJobMetrics(self.metrics.registry), self.model
         )
         self._next_heartbeat = 0.0
         self._failure: BaseException | None = None
@@ -85,12 +113,23 @@ class PupilService:
             on_dead_letter=lambda _delivery, reason: self.metrics.rejected("jobs", reason),
             # One job at a time across all kinds: a busy node leaves the others to idle pupils.
             shared_prefetch=True,
+            pause_while=(self.model,),
         )
         try:
             consumer.run(self.stop)
         except BaseException as exc:
             self._failure = exc
             self.stop.set()
+
+    def info(self) -> NodeInfo:
+        """The node's hello/heartbeat facts, with its state (``model down`` during an outage)."""
+        info = self.node.info()
+        return info if self.model.up else info.model_copy(update={"state": MODEL_DOWN})
+
+    def _model_changed(self, _up: bool, _reason: str) -> None:
+        # Tell the master now rather than at the next heartbeat: the keepalive thread sends one
+        # within KEEPALIVE_INTERVAL_S.
+        self._next_heartbeat = 0.0
 
     def _control(self, message: Message) -> None:
         # Not mandatory: hello/heartbeat are soft state that the next heartbeat repeats, and a
@@ -147,7 +186,7 @@ class PupilService:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.node.config.heartbeat_interval_s
             try:
-                self._control(Heartbeat(node=self.node.info()))
+                self._control(Heartbeat(node=self.info()))
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
         else:
@@ -159,7 +198,7 @@ class PupilService:
 
     def run(self) -> None:
         """Say hello, consume lessons until stopped, say goodbye."""
-        self._control(Hello(node=self.node.info()))
+        self._control(Hello(node=self.info()))
         self._next_heartbeat = time.monotonic() + self.node.config.heartbeat_interval_s
         consumer = Consumer(
             self.settings.broker,
@@ -168,6 +207,7 @@ class PupilService:
             self.handle,
             declare=self._declare,
             on_dead_letter=lambda _delivery, reason: self.metrics.rejected("lessons", reason),
+            pause_while=(self.model,),
         )
         self.metrics.watch_connection(consumer.connected)
         threads = [threading.Thread(target=self._keepalive, name="keepalive", daemon=True)]
@@ -182,9 +222,10 @@ class PupilService:
             for thread in threads:
                 thread.join(timeout=60)
             try:
-                self._control(Goodbye(node=self.node.info()))
+                self._control(Goodbye(node=self.info()))
             except Exception as exc:
                 log.warning("goodbye not sent: %s", exc)
+            self.model.close()
             self.publisher.close()
             self.node.close()
         if self._failure is not None:

@@ -24,9 +24,9 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions as pex
@@ -38,6 +38,7 @@ from shared.errors import (
     ConfigError,
     ConnectionClosed,
     DecodeError,
+    DependencyDown,
     DistillSwarmError,
     PublishNotConfirmed,
     one_line,
@@ -45,6 +46,9 @@ from shared.errors import (
 from shared.messages import MAX_MESSAGE_BYTES
 from shared.tls import ssl_options, uses_tls_settings
 from shared.topology import ORIGIN_QUEUE_HEADER, REASON_HEADER, Topology
+
+if TYPE_CHECKING:
+    from shared.health import Dependency
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +356,13 @@ class Consumer:
     - returns normally: ack (the handler made its work durable first);
     - raises :class:`DecodeError`: the message is published to the dead-letter exchange with the
       reason in a header, then acked; the consumer keeps going;
-    - raises :class:`Requeue` (or a broker/backend error): nack with requeue after a backoff;
+    - raises :class:`Requeue` (or a broker error): nack with requeue after a backoff, which
+      starts afresh after each success (an early run of requeues must not make every later one
+      wait the maximum);
+    - raises an outage (:class:`DependencyDown`, e.g. the model server is down) of a dependency in
+      ``pause_while``: the dependency is marked down and the delivery is *kept*, unacked; the
+      worker takes nothing else until the dependency's probe succeeds, then runs the handler on
+      the same delivery again. An outage of a dependency nobody probes is requeued as above;
     - raises anything else: requeued once; if it fails again on redelivery it is dead-lettered,
       so one poison message cannot make a crash loop.
     """
@@ -369,8 +379,12 @@ class Consumer:
         on_dead_letter: Callable[[Delivery, str], None] | None = None,
         shared_prefetch: bool = False,
         before_settle: Callable[[], None] | None = None,
+        pause_while: Sequence[Dependency] = (),
     ) -> None:
         self._config = config
+        # While any of these is down, no handler runs: the delivery in hand waits, unacked.
+        self._pause_while = tuple(pause_while)
+        self._stop = threading.Event()
         # Called on the worker thread before a batch of outcomes is settled: a handler that
         # defers its commits makes them durable here, so nothing is acked before it is stored.
         self._before_settle = before_settle
@@ -390,7 +404,9 @@ class Consumer:
         self._generation = 0
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
-        self._requeue_delays = backoff_delays(config.max_backoff_s)
+        # Created at the first requeue after a success, so each run of requeues backs off from
+        # the start (issue 11: one iterator per process made every later requeue wait the cap).
+        self._requeue_delays: Iterator[float] | None = None
         self._connected_once = False
         self.connected = threading.Event()
 
@@ -400,6 +416,7 @@ class Consumer:
         Raises ConnectionClosed only if the *first* connection fails ``broker.connect_attempts``
         times; after that, the broker is waited for until ``stop`` is set.
         """
+        self._stop = stop
         worker = threading.Thread(target=self._work_loop, name="consumer-worker", daemon=True)
         worker.start()
         try:
@@ -481,14 +498,48 @@ class Consumer:
         while (delivery := self._work.get()) is not None:
             if delivery.generation != self._generation:
                 continue  # from a closed channel: the broker redelivers it
+            if done and not self._dependencies_up():
+                # Settle what is done before waiting out an outage, which may take minutes.
+                self._schedule(functools.partial(self._settle_all, self._made_durable(done)))
+                done = []
             started = time.monotonic()
-            done.append((delivery, self._run_handler(delivery)))
+            outcome = self._handle(delivery)
+            if outcome is None:
+                continue  # stopped, or the channel went away, while waiting: it is redelivered
+            done.append((delivery, outcome))
             fast = time.monotonic() - started < SETTLE_BATCH_FAST_S
             if not (fast and len(done) < SETTLE_BATCH_MAX and not self._work.empty()):
                 self._schedule(functools.partial(self._settle_all, self._made_durable(done)))
                 done = []
         if done:
             self._schedule(functools.partial(self._settle_all, self._made_durable(done)))
+
+    def _dependencies_up(self) -> bool:
+        return all(dependency.up for dependency in self._pause_while)
+
+    def _handle(self, delivery: Delivery) -> tuple[str, str] | None:
+        """The handler's outcome, run once every dependency is up and again after an outage.
+
+        None if ``stop`` was set, or the delivery's channel closed, while waiting: the delivery
+        is then left unsettled and the broker hands it out again.
+        """
+        while True:
+            for dependency in self._pause_while:
+                if not dependency.wait_until_up(
+                    self._stop, lambda: delivery.generation == self._generation
+                ):
+                    return None
+            outcome = self._run_handler(delivery)
+            if outcome[0] != "retry":
+                return outcome
+
+    def _requeue_after_backoff(self, delivery: Delivery, exc: Exception) -> tuple[str, str]:
+        if self._requeue_delays is None:
+            self._requeue_delays = backoff_delays(self._config.max_backoff_s)
+        delay_s = next(self._requeue_delays)
+        log.warning("message %s requeued in %.1f s: %s", delivery.message_id, delay_s, exc)
+        self._stop.wait(delay_s)
+        return ("requeue", str(exc))
 
     def _made_durable(
         self, done: list[tuple[Delivery, tuple[str, str]]]
@@ -511,18 +562,23 @@ class Consumer:
             return ("dead", f"message is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
         try:
             self._handler(delivery)
-            return ("ack", "")
         except DecodeError as exc:
             return ("dead", str(exc))
         except (Requeue, BrokerError) as exc:
-            log.warning("message %s requeued: %s", delivery.message_id, exc)
-            time.sleep(next(self._requeue_delays))
-            return ("requeue", str(exc))
+            return self._requeue_after_backoff(delivery, exc)
+        except DependencyDown as exc:
+            for dependency in self._pause_while:
+                if dependency.is_outage(exc):
+                    dependency.mark_down(exc)
+                    return ("retry", str(exc))
+            return self._requeue_after_backoff(delivery, exc)  # an outage nobody here probes
         except DistillSwarmError as exc:
             return self._poison_or_retry(delivery, exc)
         except Exception as exc:
             log.exception("handler failed on message %s", delivery.message_id)
             return self._poison_or_retry(delivery, exc)
+        self._requeue_delays = None  # a success: the next requeue backs off from the start
+        return ("ack", "")
 
     def _poison_or_retry(self, delivery: Delivery, exc: Exception) -> tuple[str, str]:
         reason = f"handler failed: {type(exc).__name__}: {exc}"

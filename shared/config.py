@@ -243,10 +243,22 @@ class PupilConfig(_Section):
         return value
 
 
+class HealthConfig(_Section):
+    """How a service waits out an outage of its model server (docs/decisions.md, "model down")."""
+
+    # The first probe after an outage is noticed: an Ollama restart is often over in a second.
+    model_probe_base_s: float = Field(default=0.5, gt=0, le=60)
+    # Probes back off (doubling, jittered) to at most this. A probe is one cheap GET, so even a
+    # Pi probing every 15 s costs its server nothing; and a node resumes at most this long after
+    # its server is back, which is short next to a lesson on a Pi.
+    model_probe_max_s: float = Field(default=15.0, gt=0, le=600)
+
+
 class Settings(_Section):
     """The whole configuration of a master or a pupil."""
 
     broker: BrokerConfig = BrokerConfig()
+    health: HealthConfig = HealthConfig()
     master: MasterConfig = MasterConfig()
     pupil: PupilConfig = PupilConfig()
 

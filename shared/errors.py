@@ -56,8 +56,25 @@ class BackendError(DistillSwarmError):
     """A text-generation or embedding backend failed."""
 
 
-class BackendUnreachable(BackendError):
+class DependencyDown(DistillSwarmError):
+    """Something the work needs is down (an outage), so the work cannot be done *now*.
+
+    Not a poison message: the message is fine and will succeed once the dependency is back. A
+    consumer that pauses on such a dependency (:class:`shared.health.Dependency`) keeps the
+    message, stops taking more, and retries it after a probe of the dependency succeeds.
+    """
+
+
+class ModelDown(BackendError, DependencyDown):
+    """The model server is down or unavailable: an outage of the model, not a bad request."""
+
+
+class BackendUnreachable(ModelDown):
     """The model server (e.g. Ollama) did not answer at its URL."""
+
+
+class BackendUnavailable(ModelDown):
+    """The model server answered, but only that it cannot serve now (HTTP 502/503/504)."""
 
 
 class ModelNotFound(BackendError):

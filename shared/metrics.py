@@ -46,6 +46,7 @@ from prometheus_client import (
 from shared import __version__
 from shared.backends import Embedder, GenerationParams, TextGenerator
 from shared.config import GuidanceMethod
+from shared.health import Dependency
 from shared.messages import NodeInfo, Report, decode
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,30 @@ class ServiceMetrics:
         for queue in queues:
             for reason in REJECT_REASONS:
                 self.messages_rejected.labels(queue, reason)
+        self.model_up = Gauge(
+            PREFIX + "model_up",
+            "1 while this process's model server answers; 0 during an outage, while intake is "
+            "paused and the server is probed.",
+            ["role"],
+            registry=self.registry,
+        ).labels(role)
+        self.model_up.set(1)
+        self.model_outages = Counter(
+            PREFIX + "model_outages",
+            "Outages of this process's model server: each paused intake until a probe succeeded.",
+            ["role"],
+            registry=self.registry,
+        ).labels(role)
+
+    def watch_model(self, model: Dependency) -> None:
+        """Export ``model``'s state as model_up and count its outages."""
+
+        def changed(up: bool, _reason: str) -> None:
+            self.model_up.set(1 if up else 0)
+            if not up:
+                self.model_outages.inc()
+
+        model.on_change(changed)
 
     def watch_connection(self, connected: threading.Event) -> None:
         """Report ``connected`` (a Consumer's event) as the broker_connected gauge."""

@@ -146,6 +146,19 @@ def embedder_from(config: EmbedderConfig) -> Embedder:
     return build_embedder(config.kind, config.model, url=config.url, timeout_s=config.timeout_s)
 
 
+def probe(*backends: object) -> None:
+    """Raise ModelDown unless every backend's model server answers (one cheap request each).
+
+    Backends without a ``probe`` method (the embedded ones) run in this process: they cannot be
+    "down" like a server, so they pass. An error from an embedded model is a plain BackendError,
+    which the consumers treat as a failure of that message, never as an outage to wait out.
+    """
+    for backend in backends:
+        check = getattr(backend, "probe", None)
+        if callable(check):
+            check()
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ConfigError(f"unknown model backend kind '{kind}'; use one of: {', '.join(KINDS)}")
@@ -160,4 +173,5 @@ __all__ = [
     "build_generator",
     "embedder_from",
     "generator_from",
+    "probe",
 ]

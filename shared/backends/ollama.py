@@ -3,8 +3,9 @@
 Every call goes through one retry loop: transient failures (connection refused or reset, HTTP 429
 and 5xx) are retried a bounded number of times with exponential backoff and jitter; a missing
 model (HTTP 404) and other client errors are not. Library exceptions never leak: they become
-``BackendUnreachable``, ``ModelNotFound`` or ``BackendError``, each one line naming the URL and
-the model.
+``BackendUnreachable`` or ``BackendUnavailable`` (both ``ModelDown``: an outage, which consumers
+wait out instead of dead-lettering the message), ``ModelNotFound`` or ``BackendError``, each one
+line naming the URL and the model. ``probe()`` asks the server, once, whether it is back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import ollama
 
 from shared.backends import GenerationParams
-from shared.errors import BackendError, BackendUnreachable, ModelNotFound
+from shared.errors import BackendError, BackendUnavailable, BackendUnreachable, ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ MAX_ATTEMPTS = 3
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 4.0
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Statuses that say "the server cannot serve now" (overloaded, a proxy without its upstream)
+# rather than "this request failed": after the retries they are an outage (ModelDown), not a
+# poison message. A 500 stays a plain BackendError: it may be this very request that breaks it.
+UNAVAILABLE_STATUS = frozenset({429, 502, 503, 504})
 # Embedded once at construction to learn the model's dimension (see OllamaEmbedder).
 DIM_PROBE_TEXT = "dimension probe"
 
@@ -107,11 +112,33 @@ class _OllamaConnection:
             raise ModelNotFound(
                 f"Ollama at {self.url} has no model '{model}'; run `ollama pull {model}`"
             ) from None
+        if e.status_code in UNAVAILABLE_STATUS and attempt == MAX_ATTEMPTS:
+            raise BackendUnavailable(
+                f"Ollama at {self.url} cannot serve model '{model}' now: "
+                f"{_one_line(e.error)} (HTTP {e.status_code})"
+            ) from None
         if e.status_code not in RETRYABLE_STATUS or attempt == MAX_ATTEMPTS:
             raise BackendError(
                 f"Ollama at {self.url} failed for model '{model}': "
                 f"{_one_line(e.error)} (HTTP {e.status_code})"
             ) from None
+
+    def probe(self, model: str) -> None:
+        """Ask the server once (``GET /api/tags``, no retries) whether it answers.
+
+        Raises BackendUnreachable or BackendUnavailable while it is down; returns when it is up.
+        Cheap on purpose: it runs every few seconds during an outage and loads no model.
+        """
+        try:
+            self.client.list()
+        except ollama.ResponseError as e:
+            if e.status_code in UNAVAILABLE_STATUS or e.status_code >= 500:
+                raise BackendUnavailable(
+                    f"Ollama at {self.url} (model '{model}') answered HTTP {e.status_code}: "
+                    f"{_one_line(e.error)}"
+                ) from None
+        except (ConnectionError, httpx.TransportError) as e:
+            raise self._unreachable(model, _one_line(e.__context__ or e)) from None
 
     def _unreachable(self, model: str, reason: str) -> BackendUnreachable:
         return BackendUnreachable(
@@ -155,6 +182,10 @@ class OllamaGenerator:
         )
         return strip_thinking(response.message.content or "")
 
+    def probe(self) -> None:
+        """Raise ModelDown unless the Ollama server answers (one cheap request, no retries)."""
+        self._conn.probe(self.model)
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._conn.client.close()
@@ -195,6 +226,10 @@ class OllamaEmbedder:
                 f"{len(texts)} texts from model '{self.model_name}'; expected dim {self.dim}"
             )
         return _normalise_rows(vectors)
+
+    def probe(self) -> None:
+        """Raise ModelDown unless the Ollama server answers (one cheap request, no retries)."""
+        self._conn.probe(self.model_name)
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

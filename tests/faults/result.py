@@ -19,7 +19,9 @@ class FaultResult:
     - ``duplicated``: publishes beyond the first of a lesson or of a (lesson, node) report, as
       seen on the wire (so a duplicate the master's store absorbs still counts here);
     - ``recovery_s``: seconds from the end of the fault to the first report the affected node
-      published afterwards (None if there was none).
+      published afterwards (None if there was none);
+    - ``trained_twice``: trainings beyond one per train lesson, from the pupil's adapter
+      checkpoint (None where a scenario does not count them).
     """
 
     scenario: str
@@ -29,6 +31,7 @@ class FaultResult:
     duplicated: int
     recovery_s: float | None
     evidence: dict[str, Any] = field(default_factory=dict)
+    trained_twice: int | None = None
 
 
 def tally(

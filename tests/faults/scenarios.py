@@ -21,6 +21,7 @@ from tests.faults.broker_faults import (
     slower_than_consumer_timeout,
 )
 from tests.faults.input_faults import bad_input, corrupt_checkpoint
+from tests.faults.model_faults import model_server_outage
 from tests.faults.process_faults import (
     master_killed_mid_run,
     pupil_killed_mid_lesson,
@@ -48,6 +49,7 @@ SCENARIOS = (
     Scenario("consumer-timeout", slower_than_consumer_timeout, "timeout"),
     Scenario("bad-input", bad_input),
     Scenario("corrupt-checkpoint", corrupt_checkpoint),
+    Scenario("model-down", model_server_outage),
 )
 
 

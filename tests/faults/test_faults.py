@@ -15,6 +15,7 @@ from distill_swarm.local_broker import LocalBroker
 from tests.faults.broker_faults import broker_restarted, slower_than_consumer_timeout
 from tests.faults.garbage import CATEGORIES
 from tests.faults.input_faults import bad_input, corrupt_checkpoint
+from tests.faults.model_faults import model_server_outage
 from tests.faults.process_faults import (
     LESSONS,
     master_killed_mid_run,
@@ -131,3 +132,26 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     assert ev["report_adapter_versions"] == [2]
     assert set(ev["versions_after"].values()) == {2}
     assert (result.lost, ev["pupil_exit"]) == (0, 0)
+
+
+def test_a_model_server_outage_pauses_the_swarm_and_loses_nothing(
+    fault_broker: LocalBroker, tmp_path: Path
+) -> None:
+    result = model_server_outage(fault_broker, tmp_path)
+    ev = result.evidence
+    assert ev["published_at_stop"] < LESSONS  # the outage came mid-run
+    # Nothing dead-lettered, nothing lost, nothing reported or trained twice.
+    assert ev["dead_letters"] == 0, ev["pupil_log"][-3000:]
+    assert (result.lost, result.duplicated, result.reports_received) == (0, 0, LESSONS)
+    assert result.trained_twice == 0
+    assert ev["adapter_lessons"] == ev["train_lessons"]
+    # The pupil said so: in its log, on /metrics, and to the master (`status` shows the state).
+    assert ev["pupil_said_down"] and ev["pupil_said_back"], ev["pupil_log"][-3000:]
+    assert "model down" in ev["node_states_during"], ev["node_states_during"]
+    assert 0.0 in ev["model_up_during"]
+    assert ev["model_metrics_after"]["distill_swarm_model_up"] == 1.0
+    assert ev["model_metrics_after"]["distill_swarm_model_outages_total"] >= 1
+    assert ev["node_states_after"] == ["online"]
+    # The master's publisher waited for its model instead of failing the run.
+    assert ev["master_said_down"], ev["master_log"][-3000:]
+    assert (ev["master_exit"], ev["pupil_exit"]) == (0, 0), ev["master_log"][-3000:]
