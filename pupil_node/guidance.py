@@ -7,6 +7,14 @@
 - ``retrieval``: put the master's answers to the nearest lessons this node trained on into the
   prompt as worked examples.
 - ``retrieval+best_of_k``: both: K candidates from the retrieval prompt, reranked.
+- ``lora``: the plain prompt, answered by the node's own model *with its served LoRA adapter*
+  (what study rounds taught it; docs/lora.md): one sample, no examples, no reranking.
+- ``lora+retrieval``: the retrieval prompt, answered with the LoRA adapter.
+
+Every other method answers with the base model, so ``plain`` stays the baseline the node started
+from. The ``lora`` methods need a served adapter: :meth:`Guide.answer` falls back to the base
+model when there is none (a job must still be answered), and :attr:`Answer.method` then names
+the method that really ran.
 """
 
 from __future__ import annotations
@@ -57,8 +65,11 @@ class Guide:
         params: GenerationParams,
         memory: LessonMemory,
         predict_master: Callable[[np.ndarray], np.ndarray],
+        served: Callable[[], TextGenerator | None] = lambda: None,
     ) -> None:
         self.config = config
+        # The base model with the served LoRA adapter, or None before the first promotion.
+        self.served = served
         self.generator_config = generator_config
         self.generator = generator
         self.embedder = embedder
@@ -71,7 +82,7 @@ class Guide:
         params = replace(self.params, max_tokens=min(max_tokens, self.params.max_tokens))
         return Guide(
             self.config, self.generator_config, self.generator, self.embedder, params,
-            self.memory, self.predict_master,
+            self.memory, self.predict_master, self.served,
         )  # fmt: skip
 
     def prompt(self, goal: Goal, examples: Sequence[tuple[str, str]] = ()) -> str:
@@ -84,9 +95,14 @@ class Guide:
             examples=examples,
         )
 
-    def generate(self, prompt: str, params: GenerationParams | None = None) -> str:
-        """One answer from the pupil's model."""
-        return self.generator.generate(
+    def generate(
+        self,
+        prompt: str,
+        params: GenerationParams | None = None,
+        generator: TextGenerator | None = None,
+    ) -> str:
+        """One answer from the pupil's base model (or from ``generator``, e.g. the LoRA one)."""
+        return (generator or self.generator).generate(
             prompt, params or self.params, system=self.generator_config.system
         )
 
@@ -98,17 +114,25 @@ class Guide:
         """Answer ``goal`` by ``method``; ``goal_vec`` is the embedding of its goal text."""
         examples: tuple[str, ...] = ()
         prompt = self.prompt(goal)
-        if method.startswith("retrieval"):
+        generator: TextGenerator | None = None
+        if method.startswith("lora"):
+            generator = self.served()
+            rest = method.removeprefix("lora").removeprefix("+") or "plain"
+            if generator is None:
+                method = rest  # no adapter served yet: the base model answers, and says so
+        else:
+            rest = method
+        if rest.startswith("retrieval"):
             nearest = self.memory.nearest(goal_vec, self.config.examples)
             limit = self.config.example_chars
             prompt = self.prompt(
                 goal, [(e.goal_text, e.master_answer[:limit].strip()) for e in nearest]
             )
             examples = tuple(e.lesson_id for e in nearest)
-        if method.endswith("best_of_k"):
+        if rest.endswith("best_of_k"):
             text, vector = self.best_of_k(prompt, goal_vec)
-        elif method in ("plain", "retrieval"):
-            text = self.generate(prompt)
+        elif rest in ("plain", "retrieval"):
+            text = self.generate(prompt, generator=generator)
             vector = self.embed([text])[0]
         else:
             raise ValueError(f"unknown guidance method {method!r}")

@@ -21,6 +21,8 @@ from shared.errors import ConfigError
 from shared.jobs import CRITICAL, KINDS, OFFLOADABLE
 
 ENV_PREFIX = "DISTILL_SWARM__"
+# See MasterConfig.duplicate_window_s; a constant too, so the store's readers share the default.
+DUPLICATE_WINDOW_S = 90.0
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
@@ -109,7 +111,12 @@ class AdapterConfig(_Section):
     reference_dim: int | None = Field(default=None, ge=1, le=8192)
 
 
-GuidanceMethod = Literal["plain", "best_of_k", "retrieval", "retrieval+best_of_k"]
+# ``lora`` and ``lora+retrieval`` answer with the node's served LoRA adapter (docs/lora.md); the
+# others with the base model, so they stay comparable with what the node said before studying.
+GuidanceMethod = Literal[
+    "plain", "best_of_k", "retrieval", "retrieval+best_of_k", "lora", "lora+retrieval"
+]
+LORA_METHODS: tuple[str, ...] = ("lora", "lora+retrieval")
 
 
 class GuidanceConfig(_Section):
@@ -119,13 +126,30 @@ class GuidanceConfig(_Section):
     method: GuidanceMethod = "retrieval"
     # Every method measured on eval lessons, for `distill-swarm eval` to compare. Each costs
     # generations: best_of_k costs k, retrieval one, retrieval+best_of_k k.
-    eval_methods: list[GuidanceMethod] = ["best_of_k", "retrieval"]
+    eval_methods: list[GuidanceMethod] = ["best_of_k", "retrieval", "lora", "lora+retrieval"]
     k: int = Field(default=4, ge=2, le=32)
     # Worked examples retrieval puts in the prompt (the master's answers to the nearest lessons).
     examples: int = Field(default=2, ge=1, le=8)
     # Examples are cut to this many characters each, so a long master answer cannot crowd out
     # the question in a small model's context window.
     example_chars: int = Field(default=600, ge=50, le=8000)
+
+
+class RetentionConfig(_Section):
+    """How much of its past a pupil keeps on disk and in memory (docs/decisions.md, "Bounded
+    pupil state"). Sizes measured per lesson are in that section."""
+
+    # Finished lessons the journal remembers (id, confirmed flag), newest first: a redelivery of
+    # one of them is only acked or its report re-sent, never trained again. A report's body is
+    # dropped once the broker confirmed it (it is never sent again); unconfirmed entries are
+    # never pruned.
+    journal_max_lessons: int = Field(default=100_000, ge=10, le=100_000_000)
+    # Train lessons whose goal and master answer the memory keeps (oldest dropped first): the
+    # material of retrieval guidance and, later, of on-device study rounds. High on purpose.
+    memory_max_lessons: int = Field(default=100_000, ge=1, le=100_000_000)
+    # The newest of those that retrieval searches. Their goal embeddings are held in RAM
+    # (dim x 4 bytes each: 10,000 x 1024 dims = 41 MB), so this bounds the node's RSS.
+    retrieval_max_lessons: int = Field(default=10_000, ge=1, le=10_000_000)
 
 
 def _split_list(value: Any) -> Any:
@@ -189,10 +213,18 @@ class MasterConfig(_Section):
     # Measure the master's self-agreement on eval lessons (one extra generation each unless the
     # master decodes greedily): the ceiling every similarity figure is read against.
     ceiling: bool = True
-    # Accept a report or control message only if the broker-validated AMQP user_id it carries
-    # equals the node id it claims. Needs one broker user per node (`distill-swarm node add`);
-    # off by default because local development shares one user (docs/security.md).
-    verify_node_identity: bool = False
+    # Accept a report, control message or job result only if the broker-validated AMQP user_id
+    # it carries equals the node id it claims. "auto" (the default) checks every message except
+    # those sent as the master's own broker user: local development runs everything as one user
+    # (guest), who may do anything the master may anyway, while a per-node user (`distill-swarm
+    # node add`) can then never speak for another node. true checks every message, false none
+    # (a swarm whose pupils share one user that is not the master's; docs/security.md).
+    verify_node_identity: Literal["auto"] | bool = "auto"
+    # Two instances (process starts) of one node id that spoke at overlapping times within this
+    # many seconds make the node `duplicate` in `status`: three of the pupils' default 30 s
+    # heartbeats, so a clone that was refused and exited clears within a minute and a half, while
+    # one missed heartbeat cannot hide a clone that is still running.
+    duplicate_window_s: float = Field(default=DUPLICATE_WINDOW_S, gt=0)
     # Prometheus /metrics over HTTP (0 turns it off). Loopback by default: the compose stack sets
     # 0.0.0.0 so its Prometheus container can scrape the master over the compose network.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
@@ -204,11 +236,57 @@ class MasterConfig(_Section):
     jobs: MasterJobsConfig = MasterJobsConfig()
 
 
+class StudyConfig(_Section):
+    """On-device LoRA study rounds: the pupil fine-tunes its own model (docs/lora.md).
+
+    Needs the ``study`` extra (transformers, peft, gguf). Each round runs in a child process at a
+    lower CPU priority, so lessons and jobs keep flowing and the round's memory is returned to the
+    system when it ends.
+    """
+
+    # auto: study when the `study` extra is installed, and say so in the log either way.
+    enabled: Literal["auto", "on", "off"] = "auto"
+    # A round starts after this many new train lessons...
+    every_lessons: int = Field(default=50, ge=1, le=1_000_000)
+    # ...or when no lesson came for this long and at least one new train lesson is waiting.
+    idle_s: float = Field(default=300.0, gt=0)
+    # No round before this many train lessons: fewer leave no validation slice worth the name.
+    min_lessons: int = Field(default=20, ge=2, le=1_000_000)
+    # Train lessons a round uses (the newest; the validation slice is taken out of them).
+    max_lessons: int = Field(default=2_000, ge=2, le=1_000_000)
+    # Bounded work per round: at most this many optimiser steps of `batch_size` examples.
+    max_steps: int = Field(default=40, ge=1, le=100_000)
+    batch_size: int = Field(default=4, ge=1, le=256)
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    # LoRA rank and alpha: r=16, alpha=32 on every projection (3.8M parameters for Gemma 270M).
+    rank: int = Field(default=16, ge=1, le=512)
+    alpha: float = Field(default=32.0, gt=0)
+    # Tokens per example (prompt + answer); longer examples are cut. 256 fits every lesson of the
+    # benchmark set and bounds a round's memory.
+    max_len: int = Field(default=256, ge=16, le=8192)
+    # Share of train lessons held out (chosen by a hash of the lesson id, so stable across
+    # rounds) to decide whether a new adapter is better than the served one.
+    validation_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
+    # Torch threads for a round (None: every core but one, which stays with lessons and jobs).
+    threads: int | None = Field(default=None, ge=1, le=256)
+    # CPU priority of the round's process (0-19; higher is nicer to lessons and jobs).
+    nice: int = Field(default=10, ge=0, le=19)
+    # Adapter versions kept on disk for rollback (the served one included).
+    keep_versions: int = Field(default=3, ge=1, le=100)
+    # A round that runs longer than this is stopped and counted as failed.
+    round_timeout_s: float = Field(default=3_600.0, gt=0)
+    # Where the dequantised base weights are cached (None: <state_dir>/study-cache).
+    cache_dir: Path | None = None
+
+
 class PupilConfig(_Section):
     """One pupil node."""
 
     node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-    state_dir: Path = Path("distill-swarm-pupil")
+    # Adapter checkpoints, lesson journal, lesson memory. Unset: a directory per node id,
+    # $XDG_STATE_HOME/distill-swarm/pupil/<node_id> (~/.local/state/... without XDG_STATE_HOME),
+    # so two nodes started from one directory never share state (pupil_node/state.py).
+    state_dir: Path | None = None
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     # Below this many bytes free where the state directory lives, the node takes no new lesson:
     # each goes back to the queue (with backoff) until space is freed, and the node's
@@ -219,6 +297,12 @@ class PupilConfig(_Section):
     # the guarantee: a write that fails anyway rolls the adapters back and requeues the lesson.
     # 0 turns the check off.
     min_free_bytes: int = Field(default=64 * 2**20, ge=0)
+    # The lesson consumer is exclusive: a second process with this node id is refused. A refused
+    # node retries this long before it exits (code 6), because the process in the way may be its
+    # own predecessor: after a network cut RabbitMQ keeps a dead connection (and its consumer)
+    # until two AMQP heartbeats are missed, 2 x broker.heartbeat_s = 120 s by default; 150 s
+    # covers that with a margin. A SIGKILLed process's connection is closed at once.
+    queue_in_use_wait_s: float = Field(default=150.0, ge=0)
     # Prometheus /metrics over HTTP (0 turns it off). The master re-exports every node's figures,
     # so a node behind NAT needs no scraping; this endpoint is for nodes Prometheus can reach.
     metrics_port: int = Field(default=9465, ge=0, le=65535)
@@ -227,6 +311,8 @@ class PupilConfig(_Section):
     embedder: EmbedderConfig = EmbedderConfig()
     adapter: AdapterConfig = AdapterConfig()
     guidance: GuidanceConfig = GuidanceConfig()
+    study: StudyConfig = StudyConfig()
+    retention: RetentionConfig = RetentionConfig()
     # Job kinds this node consumes and advertises (empty: lessons only). Critical kinds are
     # refused: the master never offloads them, whatever a node says.
     jobs: list[str] = list(OFFLOADABLE)
@@ -252,6 +338,11 @@ class HealthConfig(_Section):
     # Pi probing every 15 s costs its server nothing; and a node resumes at most this long after
     # its server is back, which is short next to a lesson on a Pi.
     model_probe_max_s: float = Field(default=15.0, gt=0, le=600)
+    # A pupil whose state disk refused a write (full, read-only, failing) pauses its lessons and
+    # probes the disk (free space, a statvfs call: nothing to spare) from this often, doubling
+    # to at most disk_probe_max_s: a node resumes at most that long after space is freed.
+    disk_probe_base_s: float = Field(default=0.5, gt=0, le=60)
+    disk_probe_max_s: float = Field(default=10.0, gt=0, le=600)
 
 
 class Settings(_Section):

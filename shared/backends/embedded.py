@@ -14,6 +14,7 @@ process and shared by every backend object that asks for it.
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
 import os
 import random
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared.backends import GenerationParams
+from shared.backends.llama_lora import LlamaLora, apply_adapters
 from shared.errors import BackendError, ConfigError, ModelNotFound
 
 if TYPE_CHECKING:
@@ -76,7 +78,30 @@ class EmbeddedGenerator:
         with _load_lock:
             path = _gguf_path(model)
             self._llama, self._lock = _load_llama(str(path), n_threads or os.cpu_count() or 1)
+        self.gguf_path = path
         self.model_name = f"embedded:{GEMMA_NAME if self._pretrained else path.stem}"
+        # None: the base model. Set on the copies that with_lora() returns, never on this one.
+        self._lora: LlamaLora | None = None
+
+    def with_lora(self, path: Path, label: str) -> EmbeddedGenerator:
+        """A generator that answers with this model plus the LoRA adapter at ``path``.
+
+        It shares the loaded model (no reload, no second copy in memory); ``self`` keeps
+        answering without the adapter. ``label`` names the adapter in ``model_name``
+        (``embedded:gemma3-270m+<label>``). Free the adapter with :meth:`close_lora` once the
+        copy is no longer used. Raises BackendError if llama.cpp refuses the file.
+        """
+        served = copy.copy(self)
+        with self._lock:
+            served._lora = LlamaLora(self._llama, path)
+        served.model_name = f"{self.model_name}+{label}"
+        return served
+
+    def close_lora(self) -> None:
+        """Free this copy's adapter (a generator from :meth:`with_lora`); no-op on the base."""
+        if self._lora is not None:
+            with self._lock:
+                self._lora.close()
 
     def generate(self, prompt: str, params: GenerationParams, system: str | None = None) -> str:
         """Return the model's answer to ``prompt`` (after an optional system turn)."""
@@ -102,6 +127,7 @@ class EmbeddedGenerator:
             # sampled text, breaking "same seed, same answer".
             self._llama.reset()
             try:
+                apply_adapters(self._llama, self._lora)
                 if self._pretrained:
                     result: Any = self._llama.create_completion(
                         transcript(messages), stop=STOP_SEQUENCES, **sampling

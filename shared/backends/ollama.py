@@ -17,6 +17,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -185,6 +186,26 @@ class OllamaGenerator:
     def probe(self) -> None:
         """Raise ModelDown unless the Ollama server answers (one cheap request, no retries)."""
         self._conn.probe(self.model)
+
+    def with_lora(self, path: Path, label: str) -> OllamaGenerator:
+        """A generator for a node-local Ollama model: this model plus the LoRA GGUF at ``path``.
+
+        The adapter is uploaded as a blob and a model ``<base>-<label>`` is created ``FROM`` this
+        one with it as ``ADAPTER`` (Ollama's create API), then used like any other model. The
+        base model stays as it is. Raises BackendError if the server refuses the adapter.
+        """
+        name = f"{self.model.split(':', 1)[0]}-{label}"
+        digest = self._conn.call(self.model, lambda: self._conn.client.create_blob(path))
+        self._conn.call(
+            self.model,
+            lambda: self._conn.client.create(
+                model=name, from_=self.model, adapters={path.name: digest}, stream=False
+            ),
+        )
+        return OllamaGenerator(name, url=self._conn.url, timeout_s=self._conn.timeout_s)
+
+    def close_lora(self) -> None:
+        """Nothing to free here: the node-local model stays on the server for rollback."""
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
