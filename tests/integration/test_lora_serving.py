@@ -15,14 +15,14 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("llama_cpp")
 
-from pupil_node.study.data import StudyLesson  # noqa: E402
-from pupil_node.study.serving import LoraServing  # noqa: E402
-from shared.backends import GenerationParams  # noqa: E402
-from shared.backends.embedded import EmbeddedGenerator  # noqa: E402
-from shared.backends.templates import render_prompt  # noqa: E402
-from shared.config import PupilConfig, StudyConfig  # noqa: E402
-from shared.study_metrics import StudyMetrics  # noqa: E402
-from tests.integration.test_study_lora import LESSONS  # noqa: E402
+from pupil_node.study.data import StudyLesson
+from pupil_node.study.serving import LoraServing
+from shared.backends import GenerationParams
+from shared.backends.embedded import EmbeddedGenerator
+from shared.backends.templates import render_prompt
+from shared.config import PupilConfig, StudyConfig
+from shared.study_metrics import StudyMetrics
+from tests.integration.test_study_lora import LESSONS
 
 pytestmark = pytest.mark.models
 
