@@ -121,9 +121,15 @@ def publisher_fan_out(config: BrokerConfig, topology: Topology, bodies: list[byt
     return Rate(len(bodies), seconds)
 
 
-def framework_ingest(settings: Settings, topology: Topology, expected: int, workdir: Path) -> Rate:
+def framework_ingest(
+    settings: Settings, topology: Topology, expected: int, workdir: Path, lessons: list[Lesson]
+) -> Rate:
     """The master's consumer and ``handle`` draining ``expected`` queued reports into a store."""
     store = Store(workdir / f"ingest-{time.monotonic_ns()}.sqlite3")
+    # The master refuses reports for lessons it never made: give it the lessons, as publishing
+    # them would have.
+    for seq, lesson in enumerate(lessons):
+        store.save_lesson(lesson, f"p{seq}", seq)
     service = MasterService(settings, EchoGenerator(), HashingEmbedder(DIM), store, [])
     stop = threading.Event()
     counter = _Counter(expected, stop)
@@ -467,7 +473,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, list[Rate]]:
                     reports,
                 )
                 rates["ingest framework"].append(
-                    framework_ingest(settings, topology, len(reports), workdir)
+                    framework_ingest(settings, topology, len(reports), workdir, lessons)
                 )
 
         with_raw_topology(args.url, raw, rounds)

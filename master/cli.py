@@ -83,7 +83,7 @@ def status(
     path = settings.master.store
     if not path.is_file():
         fail(f"no master store at {path}: has the master run here? (--store PATH)")
-    rows = Store(path).node_status()
+    rows = Store(path).node_status(settings.master.duplicate_window_s)
     typer.echo(format_json(rows) if as_json else format_table(rows))
 
 

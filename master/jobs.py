@@ -36,11 +36,11 @@ from typing import TypeVar
 import numpy as np
 from pika.adapters.blocking_connection import BlockingChannel
 
-from master.identity import check_identity
+from master.identity import IdentityCheck
 from master.job_store import JobRow, JobStore
 from shared.backends import Embedder, GenerationParams, TextGenerator
 from shared.backends.templates import render_prompt
-from shared.broker import Consumer, Delivery, Publisher
+from shared.broker import Consumer, Delivery, Publisher, broker_user
 from shared.config import Settings
 from shared.errors import DecodeError, PublishNotConfirmed, one_line
 from shared.health import Dependency
@@ -112,6 +112,9 @@ class JobDispatcher:
         self.metrics = metrics
         self.stop = stop
         self._rejected = rejected  # (queue kind, reason) of each dead letter, for the metrics
+        self.identity = IdentityCheck(
+            settings.master.verify_node_identity, broker_user(settings.broker.url)
+        )
         self.publisher = Publisher(settings.broker, self.declare, stop)
         self._deadlines: list[tuple[float, str]] = []  # (unix time, job id), a heap
         self._deadlines_lock = threading.Lock()
@@ -181,8 +184,7 @@ class JobDispatcher:
     def _on_result(self, delivery: Delivery) -> None:
         result = decode(delivery.body, JobResult)
         assert isinstance(result, JobResult)
-        if self.settings.master.verify_node_identity:
-            check_identity(result.answered_by, delivery.properties.user_id)
+        self.identity.check(result.answered_by, delivery.properties.user_id)
         if result.answered_by == MASTER:
             raise DecodeError("a job result on the pupils' result queue claims to be the master's")
         row = self.store.get(result.job_id)

@@ -17,19 +17,19 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-from master.identity import check_identity
+from master.identity import IdentityCheck
 from master.job_store import JobStore
 from master.jobs import JobDispatcher, MasterAnswerer
 from master.prompts import PromptItem
 from master.store import Store
 from master.teacher import Teacher
 from shared.backends import Embedder, TextGenerator, probe
-from shared.broker import Consumer, Delivery, Publisher
+from shared.broker import Consumer, Delivery, Publisher, broker_user
 from shared.config import Settings
 from shared.errors import DecodeError, DistillSwarmError, ModelDown
 from shared.health import Dependency
 from shared.job_metrics import MasterJobMetrics
-from shared.messages import Goodbye, Heartbeat, Hello, Report, decode, encode
+from shared.messages import Goodbye, Heartbeat, Hello, NodeInfo, Report, decode, encode
 from shared.metrics import MasterMetrics
 from shared.topology import Topology
 
@@ -89,6 +89,13 @@ class MasterService:
             model=self.model,
         )
         self.lesson_ids: list[str] = []
+        self.identity = IdentityCheck(
+            settings.master.verify_node_identity, broker_user(settings.broker.url)
+        )
+        # lesson_id -> split of every lesson a report named so far: lessons never change, and a
+        # store lookup per report would cost the ingestion rate (docs/performance.md).
+        self._splits: dict[str, str] = {}
+        self._duplicates_logged: set[tuple[str, str, str]] = set()  # (node, instance, instance)
         self.publishing_done = threading.Event()
         self.failure: BaseException | None = None
         # Nodes count as present if they spoke since shortly before we started (a heartbeat
@@ -107,6 +114,7 @@ class MasterService:
             report = decode(delivery.body, Report)
             assert isinstance(report, Report)
             self._check_identity(report.node_id, delivery)
+            self._check_lesson(report)
             new = self.store.add_report(report)
             self.metrics.record_report(report, new)
             if new:
@@ -125,6 +133,7 @@ class MasterService:
         message = decode(delivery.body)
         if isinstance(message, Hello | Heartbeat | Goodbye):
             self._check_identity(message.node.node_id, delivery)
+            self._check_instance(message.node)
         if isinstance(message, Hello | Heartbeat):
             # "online", or what the node says it is doing instead ("model down").
             state = "online" if message.node.state == "ok" else message.node.state
@@ -137,8 +146,53 @@ class MasterService:
             raise DecodeError(f"unexpected {message.kind} message on the control queue")
 
     def _check_identity(self, node_id: str, delivery: Delivery) -> None:
-        if self.settings.master.verify_node_identity:
-            check_identity(node_id, delivery.properties.user_id)
+        self.identity.check(node_id, delivery.properties.user_id)
+
+    def _check_instance(self, info: NodeInfo) -> None:
+        """Tell the operator when two processes speak for one node id (log, metric, status).
+
+        The message is still stored: both processes are the node as far as the broker knows, and
+        the pupils' exclusive lesson consumer already keeps the second one from learning.
+        """
+        if info.instance_id is None:
+            return  # a node too old to say which process it is
+        other = self.store.record_instance(info.node_id, info.instance_id)
+        if other is None:
+            return
+        self.metrics.record_duplicate(info.node_id)
+        first, second = sorted((info.instance_id, other))
+        pair = (info.node_id, first, second)
+        if pair not in self._duplicates_logged:
+            self._duplicates_logged.add(pair)
+            log.warning(
+                "duplicate node id '%s': two processes (instances %s and %s) speak for it at "
+                "once, e.g. two machines from one SD card image; give each its own node id",
+                info.node_id,
+                other,
+                info.instance_id,
+            )
+
+    def _check_lesson(self, report: Report) -> None:
+        """Refuse a report for a lesson this master never made, or under another split.
+
+        In every identity mode: a node's own credentials must not let it put figures for lessons
+        that do not exist into `eval`, nor count an eval lesson as trained (or a train lesson as
+        held out). An error report (a node refusing a lesson) passes if its lesson and split do.
+        """
+        split = self._splits.get(report.lesson_id)
+        if split is None:
+            split = self.store.lesson_split(report.lesson_id)
+            if split is None:
+                raise DecodeError(
+                    f"report from node '{report.node_id}' names lesson '{report.lesson_id}', "
+                    "which this master never made"
+                )
+            self._splits[report.lesson_id] = split
+        if report.split != split:
+            raise DecodeError(
+                f"report from node '{report.node_id}' gives lesson '{report.lesson_id}' split "
+                f"'{report.split}', but the lesson's split is '{split}'"
+            )
 
     # -- publishing (publisher thread) ------------------------------------------------------
 
@@ -179,10 +233,12 @@ class MasterService:
                 self.lesson_ids.append(lesson.lesson_id)
                 if published:
                     continue
+                # Taken before publishing: a node heard from before now has its queue bound.
+                started_at = datetime.now(UTC).isoformat()
                 publisher.publish(
                     self.topology.lessons_exchange, "", encode(lesson), lesson.lesson_id
                 )
-                self.store.mark_published(lesson.lesson_id)
+                self.store.mark_published(lesson.lesson_id, started_at)
                 self.metrics.lessons_published.inc()
                 log.info(
                     "published lesson %d/%d (%s, %s)",
@@ -196,12 +252,31 @@ class MasterService:
             self.publishing_done.set()
 
     def complete(self) -> bool:
-        """True when every lesson of this run has a report from every present node."""
-        if not self.publishing_done.is_set():
+        """True when every lesson of this run has a report from every present node that could
+        have received it.
+
+        A node the master first heard from after a lesson was published had no queue bound
+        then, so it never gets that lesson (``status`` lists it as missed): waiting for it would
+        only end in the run's timeout (Store.receivable_pairs).
+        """
+        if not self.publishing_done.is_set() or not self.lesson_ids:
             return False
         nodes = self.expected_nodes()
-        want = len(self.lesson_ids) * len(nodes)
-        return want > 0 and self.store.reported_pairs(self.lesson_ids, nodes) >= want
+        if not nodes:
+            return False
+        want, have = self.store.receivable_pairs(self.lesson_ids, nodes)
+        return have >= want
+
+    def _log_missed(self) -> None:
+        for node in self.expected_nodes():
+            missed = set(self.store.missed_lessons(node)) & set(self.lesson_ids)
+            if missed:
+                log.warning(
+                    "node %s joined after %d of this run's lessons were published and never got "
+                    "them (see `distill-swarm status`)",
+                    node,
+                    len(missed),
+                )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -228,6 +303,7 @@ class MasterService:
 
         def tick() -> None:
             if exit_when_done and self.complete():
+                self._log_missed()
                 log.info("every report is in; stopping")
                 self.stop.set()
             if deadline is not None and time.monotonic() > deadline:

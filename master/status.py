@@ -12,6 +12,7 @@ COLUMNS = (
     ("state", 10),  # online, offline, or "model down" (the node's model server is out)
     ("last seen (UTC)", 19),
     ("lessons", 7),
+    ("missed", 6),
     ("errors", 6),
     ("loss", 7),
     ("eval n", 6),
@@ -20,6 +21,10 @@ COLUMNS = (
     ("sim guided", 10),
     ("job kinds", 9),
 )
+
+
+# Lesson ids listed per node under the table; `--json` lists every one.
+MISSED_SHOWN = 8
 
 
 def _num(value: float | None, width: int) -> str:
@@ -36,6 +41,7 @@ def format_table(rows: list[NodeStatus]) -> str:
             r.state.ljust(10),
             r.last_seen[:19].replace("T", " "),
             str(r.lessons_done).rjust(7),
+            str(len(r.missed)).rjust(6),
             str(r.errors).rjust(6),
             _num(r.latest_loss, 7),
             str(r.eval_lessons).rjust(6),
@@ -47,11 +53,24 @@ def format_table(rows: list[NodeStatus]) -> str:
         lines.append("  ".join(cells))
     if not rows:
         lines.append("(no node has said hello yet)")
+    for r in rows:
+        if r.missed:
+            shown = ", ".join(lesson[:8] for lesson in r.missed[:MISSED_SHOWN])
+            more = (
+                f" and {len(r.missed) - MISSED_SHOWN} more" if len(r.missed) > MISSED_SHOWN else ""
+            )
+            lines.append(f"{r.node_id} missed {len(r.missed)} lessons: {shown}{more}")
+        if r.state == "duplicate":
+            lines.append(
+                f"{r.node_id}: two processes speak for this node id (two machines with one id?); "
+                "give each machine its own node id"
+            )
     lines.append(
         "sim = mean cosine to the master's answer on eval lessons (never trained on): before = "
         "plain answer, adapted = adapter's vector (changes no output), guided = what the pupil "
         "says with its guidance method; job kinds = how many kinds of job the node takes "
-        "(`--json` lists them)"
+        "(`--json` lists them); missed = lessons published before the master first heard from "
+        "the node, which its queue never got (`--json` lists them)"
     )
     return "\n".join(lines)
 

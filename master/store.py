@@ -15,11 +15,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
+from shared.config import DUPLICATE_WINDOW_S
 from shared.messages import Lesson, NodeInfo, Report
 
 SCHEMA = """
@@ -68,6 +69,15 @@ CREATE TABLE IF NOT EXISTS nodes (
     first_seen TEXT NOT NULL,
     last_seen TEXT NOT NULL
 );
+-- Every process start of a node (a random instance id in its hello and heartbeats): two that
+-- spoke at overlapping times are two machines with one node id (a cloned SD card).
+CREATE TABLE IF NOT EXISTS node_instances (
+    node_id TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL,
+    PRIMARY KEY (node_id, instance_id)
+);
 CREATE TABLE IF NOT EXISTS judgements (
     lesson_id TEXT NOT NULL,
     node_id TEXT NOT NULL,
@@ -106,6 +116,9 @@ class NodeStatus:
     mean_adapted: float | None
     mean_guided: float | None
     job_kinds: tuple[str, ...] = ()  # the job kinds the node said it does (its pupil.jobs)
+    # Lessons published before the master first heard from the node, with no report from it: its
+    # queue did not exist yet, so it never got them (ids, in publishing order).
+    missed: tuple[str, ...] = ()
 
 
 class Store:
@@ -244,6 +257,15 @@ class Store:
                 ),
             )
 
+    def lesson_split(self, lesson_id: str) -> str | None:
+        """The split (train or eval) of a lesson this master made, or None if it never did."""
+        row = (
+            self._db()
+            .execute("SELECT split FROM lessons WHERE lesson_id=?", (lesson_id,))
+            .fetchone()
+        )
+        return None if row is None else str(row["split"])
+
     def lesson_ceilings(self) -> dict[str, float]:
         """lesson_id -> the master's self-agreement, for lessons where it was measured."""
         rows = self._db().execute(
@@ -260,12 +282,16 @@ class Store:
         """Every run-level fact recorded with :meth:`set_meta`."""
         return {r["key"]: r["value"] for r in self._db().execute("SELECT key, value FROM meta")}
 
-    def mark_published(self, lesson_id: str) -> None:
-        """Record that the broker confirmed the lesson."""
+    def mark_published(self, lesson_id: str, started_at: str | None = None) -> None:
+        """Record that the broker confirmed the lesson.
+
+        ``started_at`` (ISO UTC, default now) is when the publish began: a node the master heard
+        from before then had its queue bound, so it got the lesson (:meth:`receivable_pairs`).
+        """
         with self._tx() as db:
             db.execute(
                 "UPDATE lessons SET published_at=? WHERE lesson_id=? AND published_at IS NULL",
-                (_now(), lesson_id),
+                (started_at or _now(), lesson_id),
             )
 
     def published_lesson_ids(self) -> list[str]:
@@ -336,6 +362,44 @@ class Store:
         )
         return int(db.execute(sql, node_ids).fetchone()[0])
 
+    def receivable_pairs(self, lesson_ids: list[str], node_ids: list[str]) -> tuple[int, int]:
+        """(pairs the node could have received, how many of those have a report), among the
+        given lessons and nodes.
+
+        A node could have received a lesson if the master heard from it before publishing it:
+        a pupil binds its queue before its first hello, so its queue was there. A node first
+        heard from later may have had no queue yet, and a fanout keeps nothing for a queue that
+        does not exist (until lessons move to a stream, DESIGN.md).
+        """
+        if not lesson_ids or not node_ids:
+            return 0, 0
+        db = self._db()
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (lesson_id TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM wanted")
+        db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(i,) for i in lesson_ids])
+        marks = ",".join("?" * len(node_ids))
+        row = db.execute(
+            "SELECT COUNT(*), COUNT(r.lesson_id) FROM wanted JOIN lessons l USING (lesson_id) "
+            "JOIN nodes n ON n.first_seen < l.published_at "
+            "LEFT JOIN reports r ON r.lesson_id = l.lesson_id AND r.node_id = n.node_id "
+            f"WHERE n.node_id IN ({marks})",
+            node_ids,
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def missed_lessons(self, node_id: str) -> list[str]:
+        """Lessons published before the master first heard from ``node_id`` and never reported
+        by it, in publishing order (see :meth:`receivable_pairs`)."""
+        rows = self._db().execute(
+            "SELECT l.lesson_id FROM lessons l JOIN nodes n ON n.node_id = ? "
+            "WHERE l.published_at IS NOT NULL AND l.published_at <= n.first_seen "
+            "AND NOT EXISTS (SELECT 1 FROM reports r "
+            "WHERE r.lesson_id = l.lesson_id AND r.node_id = n.node_id) "
+            "ORDER BY l.published_at, l.seq",
+            (node_id,),
+        )
+        return [r["lesson_id"] for r in rows]
+
     # -- nodes -----------------------------------------------------------------------------
 
     def touch_node(self, info: NodeInfo, state: str) -> None:
@@ -347,6 +411,45 @@ class Store:
                 "info=excluded.info, state=excluded.state, last_seen=excluded.last_seen",
                 (info.node_id, info.model_dump_json(), state, now, now),
             )
+
+    def record_instance(self, node_id: str, instance_id: str) -> str | None:
+        """Note that ``instance_id`` of ``node_id`` spoke now; returns another instance of the
+        node that spoke after this one first did (two processes at once), or None.
+
+        A restart never matches: the old process is silent before the new one says hello, and
+        the control queue hands the master their messages in the order they were sent.
+        """
+        now = _now()
+        with self._tx() as db:
+            (first_seen,) = db.execute(
+                "INSERT INTO node_instances VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (node_id, instance_id) DO UPDATE SET last_seen = excluded.last_seen "
+                "RETURNING first_seen",
+                (node_id, instance_id, now, now),
+            ).fetchone()
+            row = db.execute(
+                "SELECT instance_id FROM node_instances WHERE node_id = ? AND instance_id != ? "
+                "AND last_seen > ? ORDER BY last_seen DESC LIMIT 1",
+                (node_id, instance_id, first_seen),
+            ).fetchone()
+        return None if row is None else str(row["instance_id"])
+
+    def duplicate_instances(self, node_id: str, window_s: float = DUPLICATE_WINDOW_S) -> int:
+        """How many instances of ``node_id`` spoke in the last ``window_s`` seconds at times
+        that overlap another's: 0 when at most one process speaks for the node."""
+        since = (datetime.now(UTC) - timedelta(seconds=window_s)).isoformat()
+        row = (
+            self._db()
+            .execute(
+                "SELECT COUNT(DISTINCT a.instance_id) FROM node_instances a "
+                "JOIN node_instances b ON b.node_id = a.node_id AND b.instance_id != a.instance_id "
+                "AND a.last_seen > b.first_seen AND b.last_seen > a.first_seen "
+                "WHERE a.node_id = ? AND a.last_seen >= ? AND b.last_seen >= ?",
+                (node_id, since, since),
+            )
+            .fetchone()
+        )
+        return int(row[0])
 
     def latest_reports(self, node_id: str) -> list[Report]:
         """The node's latest successful train report (with losses) and latest eval report."""
@@ -379,8 +482,12 @@ class Store:
         )
         return [r["node_id"] for r in rows]
 
-    def node_status(self) -> list[NodeStatus]:
-        """Per-node summary: eval-only similarity means, so training fit never flatters them."""
+    def node_status(self, duplicate_window_s: float = DUPLICATE_WINDOW_S) -> list[NodeStatus]:
+        """Per-node summary: eval-only similarity means, so training fit never flatters them.
+
+        The state is ``duplicate`` while two processes speak for the node id (within
+        ``duplicate_window_s``, see :meth:`duplicate_instances`), whatever they said last.
+        """
         db = self._db()
         out = []
         for node in db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall():
@@ -399,10 +506,11 @@ class Store:
                 "ORDER BY adapter_version DESC LIMIT 1",
                 (node["node_id"],),
             ).fetchone()
+            duplicate = self.duplicate_instances(node["node_id"], duplicate_window_s) > 1
             out.append(
                 NodeStatus(
                     node_id=node["node_id"],
-                    state=node["state"],
+                    state="duplicate" if duplicate else node["state"],
                     last_seen=node["last_seen"],
                     pupil_model=info.pupil_model,
                     lessons_done=int(agg["done"] or 0),
@@ -413,6 +521,7 @@ class Store:
                     mean_adapted=agg["adapted"],
                     mean_guided=agg["guided"],
                     job_kinds=tuple(info.job_kinds),
+                    missed=tuple(self.missed_lessons(node["node_id"])),
                 )
             )
         return out

@@ -26,12 +26,13 @@ import time
 
 from pika.adapters.blocking_connection import BlockingChannel
 
+from pupil_node.disk import StateWriteFailed
 from pupil_node.jobs import JobWorker
 from pupil_node.node import PupilNode
 from shared.backends import probe
 from shared.broker import Consumer, Delivery, Publisher
 from shared.config import Settings
-from shared.errors import EmbeddingMismatch, ModelDown
+from shared.errors import EmbeddingMismatch, ModelDown, NodeIdInUse, QueueInUse
 from shared.health import Dependency
 from shared.job_metrics import PupilJobMetrics
 from shared.messages import (
@@ -83,6 +84,14 @@ class PupilService:
         )
         self.metrics.watch_model(self.model)
         self.model.on_change(self._model_changed)
+        # Lessons also pause while the state disk cannot take their writes (jobs write nothing).
+        self.state_disk = Dependency(
+            "state disk",
+            node.probe_state_disk,
+            (StateWriteFailed,),
+            probe_base_s=health.disk_probe_base_s,
+            probe_max_s=health.disk_probe_max_s,
+        )
         self.jobs = JobWorker(
             node, self.publisher, self.topology, PupilJobMetrics(self.metrics.registry), self.model
         )
@@ -103,7 +112,12 @@ class PupilService:
             # A per-node user may only read job queues, not declare them: the master did.
             self.topology.check_job_queues(channel, kinds)
 
-    def _serve_jobs(self) -> None:
+    def _serve_jobs(self, lessons_consumed: threading.Event) -> None:
+        # Jobs only once this process holds the node's lesson queue: a second process with the
+        # same node id, refused that queue, must not take the swarm's jobs while it waits.
+        while not lessons_consumed.wait(KEEPALIVE_INTERVAL_S):
+            if self.stop.is_set():
+                return
         consumer = Consumer(
             self.settings.broker,
             self.topology,
@@ -207,25 +221,47 @@ class PupilService:
             self.handle,
             declare=self._declare,
             on_dead_letter=lambda _delivery, reason: self.metrics.rejected("lessons", reason),
-            pause_while=(self.model,),
+            pause_while=(self.model, self.state_disk),
+            # One process per node id: a second one (a cloned SD card) is refused by the broker
+            # instead of silently taking half of this node's lessons.
+            exclusive=True,
+            in_use_wait_s=self.node.config.queue_in_use_wait_s,
         )
         self.metrics.watch_connection(consumer.connected)
         threads = [threading.Thread(target=self._keepalive, name="keepalive", daemon=True)]
         if self.node.config.jobs:
-            threads.append(threading.Thread(target=self._serve_jobs, name="jobs", daemon=True))
+            threads.append(
+                threading.Thread(
+                    target=self._serve_jobs, args=(consumer.connected,), name="jobs", daemon=True
+                )
+            )
         for thread in threads:
             thread.start()
+        refused = False
         try:
             consumer.run(self.stop)
+        except QueueInUse as exc:
+            refused = True
+            node_id = self.node.node_id
+            raise NodeIdInUse(
+                f"another process consumes the lessons of node '{node_id}' ({exc}): two "
+                f"machines run as '{node_id}' (a cloned SD card?). Give this one its own node id "
+                "(`distill-swarm node add NEW-ID` on the server, then pupil.node_id) and its own "
+                "state directory"
+            ) from None
         finally:
             self.stop.set()  # the consumer may also end by raising: the other threads must end too
             for thread in threads:
                 thread.join(timeout=60)
             try:
-                self._control(Goodbye(node=self.info()))
+                # A refused process never was the node: its goodbye would mark the real one
+                # offline.
+                if not refused:
+                    self._control(Goodbye(node=self.info()))
             except Exception as exc:
                 log.warning("goodbye not sent: %s", exc)
             self.model.close()
+            self.state_disk.close()
             self.publisher.close()
             self.node.close()
         if self._failure is not None:

@@ -41,6 +41,7 @@ from shared.errors import (
     DependencyDown,
     DistillSwarmError,
     PublishNotConfirmed,
+    QueueInUse,
     one_line,
 )
 from shared.messages import MAX_MESSAGE_BYTES
@@ -64,7 +65,12 @@ SETTLE_BATCH_FAST_S = 0.005
 SETTLE_BATCH_MAX = 64
 CONTENT_TYPE = "application/json"
 
-_CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, ConnectionError)
+# AMQP reply code of a refused operation (permissions, or a queue in exclusive use).
+ACCESS_REFUSED = 403
+# OSError, not only ConnectionError: pika re-raises the last error of its connection workflow
+# as it is, and for a host that does not resolve that is socket.gaierror. A Pi on WiFi loses DNS
+# routinely; that is an unreachable broker like any other, never a crash.
+_CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, OSError)
 _CHANNEL_ERRORS = (pex.AMQPChannelError, pex.ChannelWrongStateError)
 
 
@@ -322,6 +328,16 @@ class Requeue(DistillSwarmError):
 Handler = Callable[[Delivery], None]
 
 
+class _QueueInUse(Exception):
+    """basic.consume was refused: another consumer holds the queue exclusively (or we asked for
+    exclusivity on a queue that has a consumer)."""
+
+    def __init__(self, queue: str, reply_text: str) -> None:
+        super().__init__(reply_text)
+        self.queue = queue
+        self.reply_text = reply_text
+
+
 class _ConsumerLost(Exception):
     """The connection is up but our channel or a consumer on it is gone: start afresh."""
 
@@ -380,8 +396,18 @@ class Consumer:
         shared_prefetch: bool = False,
         before_settle: Callable[[], None] | None = None,
         pause_while: Sequence[Dependency] = (),
+        exclusive: bool = False,
+        in_use_wait_s: float = 0.0,
     ) -> None:
         self._config = config
+        # Exclusive: the broker refuses a second consumer on our queues (a pupil's lesson queue:
+        # one process per node id). Refused, we retry for ``in_use_wait_s`` (the consumer in the
+        # way may be our own predecessor's, on a connection the broker has not seen die yet),
+        # then raise QueueInUse.
+        self._exclusive = exclusive
+        self._in_use_wait_s = in_use_wait_s
+        self._in_use_since: float | None = None
+        self._in_use_delays: Iterator[float] | None = None
         # While any of these is down, no handler runs: the delivery in hand waits, unacked.
         self._pause_while = tuple(pause_while)
         self._stop = threading.Event()
@@ -427,6 +453,10 @@ class Consumer:
                     if stop.is_set():
                         break  # stopped while waiting for the broker: a clean exit
                     raise
+                except _QueueInUse as exc:
+                    self.connected.clear()
+                    self._generation += 1
+                    self._wait_while_in_use(exc, stop)
                 except (*_CONNECTION_ERRORS, *_CHANNEL_ERRORS, _ConsumerLost) as exc:
                     self.connected.clear()
                     self._generation += 1  # deliveries of the old channel can no longer be acked
@@ -456,7 +486,20 @@ class Consumer:
         self._declare(channel)
         channel.basic_qos(prefetch_count=self._config.prefetch, global_qos=self._shared_prefetch)
         for name in self._queues:
-            channel.basic_consume(name, functools.partial(self._on_message, name), auto_ack=False)
+            try:
+                channel.basic_consume(
+                    name,
+                    functools.partial(self._on_message, name),
+                    auto_ack=False,
+                    exclusive=self._exclusive,
+                )
+            except pex.ChannelClosedByBroker as exc:
+                # RabbitMQ refuses a consumer on a queue that has an exclusive one, and an
+                # exclusive one on a queue that has any, with 403 "... in exclusive use".
+                if exc.reply_code == ACCESS_REFUSED and "exclusive use" in str(exc.reply_text):
+                    raise _QueueInUse(name, str(exc.reply_text)) from None
+                raise
+        self._in_use_since = None
         self._channel = channel
         self.connected.set()
         log.info("consuming %s", ", ".join(self._queues))
@@ -471,6 +514,30 @@ class Consumer:
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         close_quietly(connection)
+
+    def _wait_while_in_use(self, exc: _QueueInUse, stop: threading.Event) -> None:
+        """Back off while another consumer holds our queue; raise QueueInUse once
+        ``in_use_wait_s`` has passed since the first refusal."""
+        now = time.monotonic()
+        if self._in_use_since is None:
+            self._in_use_since = now
+            self._in_use_delays = backoff_delays(self._config.max_backoff_s)
+        assert self._in_use_delays is not None
+        left_s = self._in_use_wait_s - (now - self._in_use_since)
+        if left_s <= 0:
+            self._close()
+            raise QueueInUse(
+                f"queue '{exc.queue}' is in use by another consumer (RabbitMQ: {exc.reply_text}); "
+                f"still so after {now - self._in_use_since:.0f}s"
+            )
+        delay_s = min(next(self._in_use_delays), left_s)
+        log.warning(
+            "queue '%s' is in use by another consumer; retrying in %.1fs (giving up in %.0fs)",
+            exc.queue,
+            delay_s,
+            left_s,
+        )
+        stop.wait(delay_s)
 
     def _on_message(
         self,

@@ -83,3 +83,15 @@ class ModelNotFound(BackendError):
 
 class CheckpointError(DistillSwarmError):
     """An adapter checkpoint is missing, corrupt, or does not fit the adapter."""
+
+
+class StateDirInUse(DistillSwarmError):
+    """Another running process holds the pupil's state directory (its lock)."""
+
+
+class QueueInUse(DistillSwarmError):
+    """Another consumer holds a queue this process must consume alone (an exclusive consumer)."""
+
+
+class NodeIdInUse(QueueInUse):
+    """Another process consumes this node's lesson queue: two machines run with one node id."""

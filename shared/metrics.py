@@ -364,6 +364,13 @@ class MasterMetrics(ServiceMetrics):
             ["node"],
             registry=r,
         )
+        self.node_duplicate_messages = Counter(
+            NODE_PREFIX + "duplicate_messages",
+            "Hellos and heartbeats from one process of a node id while another process of that "
+            "id also spoke: two machines with one node id (a cloned SD card); alert on any rise.",
+            ["node"],
+            registry=r,
+        )
         self.figures = ReportFigures(r, NODE_PREFIX, ("node",))
 
     def timed_generator(self, generator: TextGenerator) -> TextGenerator:
@@ -406,6 +413,10 @@ class MasterMetrics(ServiceMetrics):
             if report.split == "eval":
                 for method, value in heldout_figures(report).items():
                     self.figures.heldout.labels(node, method).set(value)
+
+    def record_duplicate(self, node_id: str) -> None:
+        """Count a control message from a second process speaking for ``node_id``."""
+        self.node_duplicate_messages.labels(self.node_label(node_id)).inc()
 
     def record_node(self, info: NodeInfo, online: bool) -> None:
         """Record a hello or heartbeat (``online``) or a goodbye."""

@@ -199,6 +199,8 @@ def test_unit_restart_policy_and_paths() -> None:
     # Bad input is never fixed by a restart; a broker or model server that is down may be.
     prevented = set(unit["RestartPreventExitStatus"][0].split())
     assert str(int(ExitCode.BAD_INPUT)) in prevented
+    # Nor is a second machine with this node id (the broker refuses it the node's queue).
+    assert str(int(ExitCode.NODE_ID_IN_USE)) in prevented
     assert {str(int(ExitCode.BROKER)), str(int(ExitCode.BACKEND))}.isdisjoint(prevented)
     # Longer than the consumer's 60 s wait for the lesson in hand, so a stop is clean.
     assert int(unit["TimeoutStopSec"][0].rstrip("s")) > 60

@@ -1,7 +1,8 @@
-"""Private RabbitMQ nodes for the fault tests: one plain, one with a lowered consumer_timeout.
+"""Private RabbitMQ nodes for the fault tests: one plain, one with a lowered consumer_timeout,
+one with the management plugin (per-node users made by `distill-swarm node add`).
 
-Session-scoped, so the seven scenarios share two broker start-ups. Without rabbitmq-server the
-tests skip, or fail under CI=true.
+Session-scoped, so the scenarios share one start-up per kind, and a kind no selected test uses
+never starts. Without rabbitmq-server the tests skip, or fail under CI=true.
 """
 
 from __future__ import annotations
@@ -28,4 +29,12 @@ def timeout_broker() -> Iterator[LocalBroker]:
     """A private broker that closes channels holding a delivery unacked for over a second."""
     require_rabbitmq_server()
     with start_broker("timeout") as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def management_broker() -> Iterator[LocalBroker]:
+    """A private broker with the management plugin, so `distill-swarm node add` can make users."""
+    require_rabbitmq_server("rabbitmq_management")
+    with start_broker("management") as broker:
         yield broker
