@@ -28,7 +28,12 @@ def run(
         Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="Where the adapter checkpoint and journal live.")
+        Path | None,
+        typer.Option(
+            help="Where the adapter checkpoints, journal and memory live (default: "
+            "$XDG_STATE_HOME/distill-swarm/pupil/NODE_ID, or ~/.local/state/...). One node "
+            "and one process per directory."
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
 ) -> None:
@@ -40,9 +45,23 @@ def run(
     # `distill-swarm` command (status, eval, node add) would otherwise pay for.
     from pupil_node.node import PupilNode
     from pupil_node.service import PupilService
+    from pupil_node.state import OLD_DEFAULT, NodeState, resolve_state_dir
 
     if cfg.node_id is None:
         fail("no node id: give --node-id NAME or set pupil.node_id")
+    # Before anything slow: a second process on this state dir, or a dir of another node,
+    # is refused in a moment, before it loads models or binds the metrics port.
+    with exit_on_errors():
+        state = NodeState.open(resolve_state_dir(cfg.state_dir, cfg.node_id), cfg.node_id)
+    log.info("pupil %s: state dir %s", cfg.node_id, state.path)
+    if cfg.state_dir is None and OLD_DEFAULT.is_dir():
+        log.warning(
+            "./%s is the state dir every node shared before state dirs were per node; it is no "
+            "longer used by default. To keep its adapter, run this node with --state-dir %s "
+            "(the first node to open it adopts it)",
+            OLD_DEFAULT,
+            OLD_DEFAULT,
+        )
     # Signals first: a SIGTERM while the models load must still end in a clean exit.
     stop = threading.Event()
     stop_on_signals(stop)
@@ -51,7 +70,7 @@ def run(
     with exit_on_errors():
         generator = generator_from(cfg.generator)
         embedder = embedder_from(cfg.embedder)
-        node = PupilNode(cfg.node_id, cfg, generator, embedder)
+        node = PupilNode(cfg.node_id, cfg, generator, embedder, state)
         service = PupilService(settings, node, stop, metrics)
         log.info(
             "pupil %s: model %s, adapter v%d",

@@ -9,11 +9,19 @@ marked *reported* once the broker confirmed the report:
   it again would only put a duplicate on the wire;
 - if the node dies between checkpoint and journal, the checkpoint's ``last_lesson_id`` tells the
   node the training already happened.
+
+Retention (docs/decisions.md, "Bounded pupil state"): a confirmed report is never sent again, so
+its body is dropped when the confirm is noted; the ids of the newest ``max_lessons`` finished
+lessons are kept (their redelivery is only acked), older confirmed entries are pruned, and an
+unconfirmed entry is never pruned. ``meta`` holds what outlives the rows (the pruned count, so
+``count()`` stays the node's lifetime total); later fields (a stream offset) go there too.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +38,9 @@ class Entry:
 class Journal:
     """A small SQLite table: lesson_id -> encoded report, and when the report was confirmed."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_lessons: int = 100_000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_lessons = max_lessons
         # One connection used from the consumer's worker thread only.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -44,6 +53,15 @@ class Journal:
             # A journal written before reports were marked: its lessons count as not confirmed,
             # so a redelivery re-sends the report, as it always did.
             self._db.execute("ALTER TABLE done ADD COLUMN reported_at TEXT")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL)")
+        # A journal from before retention (or after max_lessons was lowered): drop what the
+        # window no longer needs now, and give the space back once.
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE done SET report=X'' WHERE reported_at IS NOT NULL AND length(report) > 0"
+            )
+            self._prune()
+        compact_if_mostly_free(self._db)
 
     def entry(self, lesson_id: str) -> Entry | None:
         """The finished lesson's report and whether it was confirmed, or None if not done."""
@@ -60,15 +78,45 @@ class Journal:
         )
 
     def mark_reported(self, lesson_id: str) -> None:
-        """Record that the broker confirmed the lesson's report."""
-        self._db.execute(
-            "UPDATE done SET reported_at=? WHERE lesson_id=? AND reported_at IS NULL",
-            (_now(), lesson_id),
-        )
+        """Record that the broker confirmed the lesson's report, and prune the journal.
+
+        The report's body goes: a confirmed report is never sent again (a redelivery is only
+        acked), and the master's store holds it.
+        """
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE done SET reported_at=?, report=X'' "
+                "WHERE lesson_id=? AND reported_at IS NULL",
+                (_now(), lesson_id),
+            )
+            self._prune()
+
+    def _prune(self) -> None:
+        # Rowids grow with every record (INSERT OR REPLACE gives a replaced row a new one, and only
+        # old rows are deleted), so "older than the newest max_lessons" is a rowid bound: one
+        # range delete, not a sort of the table.
+        newest = self._db.execute("SELECT MAX(rowid) FROM done").fetchone()[0]
+        if newest is None or newest <= self.max_lessons:
+            return
+        pruned = self._db.execute(
+            "DELETE FROM done WHERE rowid <= ? AND reported_at IS NOT NULL",
+            (newest - self.max_lessons,),
+        ).rowcount
+        if pruned:
+            self._db.execute(
+                "INSERT INTO meta VALUES ('pruned', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                (pruned,),
+            )
+
+    def __len__(self) -> int:
+        """How many entries the journal holds now (at most ``max_lessons`` plus unconfirmed)."""
+        return int(self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0])
 
     def count(self) -> int:
-        """How many lessons this node has finished."""
-        return int(self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0])
+        """How many lessons this node has finished, pruned entries included."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='pruned'").fetchone()
+        return len(self) + (0 if row is None else int(row[0]))
 
     def close(self) -> None:
         """Close the database."""
@@ -77,3 +125,29 @@ class Journal:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One SQLite transaction on an autocommit connection: committed, or rolled back on error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def compact_if_mostly_free(db: sqlite3.Connection, min_bytes: int = 1 << 20) -> None:
+    """VACUUM ``db`` if more than half of a file over ``min_bytes`` is free pages.
+
+    SQLite reuses freed pages but never returns them, so a file once grown large (a journal from
+    before retention) would stay large; in steady state the freed pages are reused and this
+    never runs. Called at open only: VACUUM rewrites the file.
+    """
+    pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+    page_bytes = int(db.execute("PRAGMA page_size").fetchone()[0])
+    if pages * page_bytes > min_bytes and free * 2 > pages:
+        db.execute("VACUUM")

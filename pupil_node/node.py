@@ -30,6 +30,7 @@ from pupil_node.disk import StateWriteFailed, free_bytes, is_storage_failure, st
 from pupil_node.guidance import Answer, Goal, Guide
 from pupil_node.journal import Journal
 from pupil_node.memory import LessonMemory
+from pupil_node.state import NodeState, resolve_state_dir
 from shared import __version__
 from shared.adapter import AdapterTrainer
 from shared.backends import Embedder, GenerationParams, TextGenerator
@@ -62,22 +63,43 @@ class PupilNode:
     """The pupil's state (adapters, memory, journal) and the work it does per lesson."""
 
     def __init__(
-        self, node_id: str, config: PupilConfig, generator: TextGenerator, embedder: Embedder
+        self,
+        node_id: str,
+        config: PupilConfig,
+        generator: TextGenerator,
+        embedder: Embedder,
+        state: NodeState | None = None,
     ) -> None:
+        """Open the node's state directory and load its adapters, journal and memory.
+
+        ``state`` is the state directory already opened (locked, owned) by the caller, as
+        ``pupil run`` does before loading models; without it the node opens
+        ``config.state_dir`` (or the per-node default) itself. Either way :meth:`close`
+        releases it. Raises StateDirInUse or ConfigError for a directory it may not use.
+        """
         self.node_id = node_id
         self.config = config
         self.generator = generator
         self.embedder = embedder
-        state_dir = Path(config.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            state = NodeState.open(resolve_state_dir(config.state_dir, node_id), node_id)
+        assert state.node_id == node_id, "the state directory was opened for another node"
+        self.state = state
+        state_dir = state.path
+        retention = config.retention
         self.checkpoint_path = state_dir / CHECKPOINT_NAME
         self.prompt_checkpoint_path = state_dir / PROMPT_CHECKPOINT_NAME
-        self.journal = Journal(state_dir / JOURNAL_NAME)
+        self.journal = Journal(state_dir / JOURNAL_NAME, retention.journal_max_lessons)
         # Answer adapter: the seed's, pupil answer embedding -> master answer embedding.
         self.trainer = self._load_or_create(self.checkpoint_path)
         # Prompt adapter: goal embedding -> master answer embedding, what best-of-K aims at.
         self.prompt_trainer = self._load_or_create(self.prompt_checkpoint_path)
-        self.memory = LessonMemory(state_dir / MEMORY_NAME, embedder.dim)
+        self.memory = LessonMemory(
+            state_dir / MEMORY_NAME,
+            embedder.dim,
+            retention.memory_max_lessons,
+            retention.retrieval_max_lessons,
+        )
         gen = config.generator
         # Nodes sharing a config must not sample identical answers: mix the node id into the seed.
         seed = None if gen.seed is None else (gen.seed + zlib.crc32(node_id.encode())) % 2**31
@@ -365,10 +387,11 @@ class PupilNode:
             log.warning("lesson %s: report confirmed but not noted (%s)", lesson_id[:8], exc)
 
     def close(self) -> None:
-        """Release the journal, the memory and the checkpoint writers."""
+        """Release the journal, the memory, the checkpoint writers and the state directory."""
         self._writer.shutdown(wait=True)
         self.journal.close()
         self.memory.close()
+        self.state.close()  # last: another process may take the directory from here on
 
 
 def _ms_since(started: float) -> float:

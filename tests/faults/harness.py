@@ -117,9 +117,16 @@ class Swarm:
     # -- processes --------------------------------------------------------------------------
 
     def start(
-        self, name: str, *args: str, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Run ``distill-swarm <args> --config <ours>``, logging to ``<workdir>/<name>.log``."""
+        """Run ``distill-swarm <args> --config <ours>``, logging to ``<workdir>/<name>.log``.
+
+        ``cwd``: the process's working directory (default: the repository root).
+        """
         assert name not in self.processes, f"process name {name} is taken: name restarts apart"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_SWARM__")}
         environ.pop("AMQP_URL", None)  # the config file names the scenario's broker
@@ -130,7 +137,7 @@ class Swarm:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environ,
-                cwd=ROOT,
+                cwd=cwd or ROOT,
             )
         self.processes[name] = proc
         return proc

@@ -28,6 +28,7 @@ from tests.faults.process_faults import (
     pupil_offline_backlog,
 )
 from tests.faults.result import FaultResult
+from tests.faults.state_faults import long_run_bounded_state, two_pupils_one_directory
 
 BrokerKind = Literal["plain", "timeout"]
 
@@ -49,6 +50,8 @@ SCENARIOS = (
     Scenario("consumer-timeout", slower_than_consumer_timeout, "timeout"),
     Scenario("bad-input", bad_input),
     Scenario("corrupt-checkpoint", corrupt_checkpoint),
+    Scenario("shared-state-dir", two_pupils_one_directory),
+    Scenario("long-run-retention", long_run_bounded_state),
     Scenario("model-down", model_server_outage),
 )
 

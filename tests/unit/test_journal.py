@@ -14,10 +14,11 @@ def test_a_lesson_is_reported_only_once_marked(tmp_path: Path) -> None:
     journal.record("l1", b"report")
     assert journal.entry("l1") == Entry(b"report", reported=False)
     journal.mark_reported("l1")
-    assert journal.entry("l1") == Entry(b"report", reported=True)
+    # A confirmed report is never sent again: its body is dropped, the lesson stays done.
+    assert journal.entry("l1") == Entry(b"", reported=True)
     assert journal.count() == 1
     journal.close()
-    assert Journal(tmp_path / "journal.sqlite3").entry("l1") == Entry(b"report", reported=True)
+    assert Journal(tmp_path / "journal.sqlite3").entry("l1") == Entry(b"", reported=True)
 
 
 def test_a_journal_from_before_the_reported_column_still_opens(tmp_path: Path) -> None:
@@ -32,4 +33,37 @@ def test_a_journal_from_before_the_reported_column_still_opens(tmp_path: Path) -
     assert journal.entry("old") == Entry(b"{}", reported=False)
     journal.record("new", b"r")
     journal.mark_reported("new")
-    assert journal.entry("new") == Entry(b"r", reported=True)
+    assert journal.entry("new") == Entry(b"", reported=True)
+
+
+def test_the_journal_keeps_the_newest_ids_and_every_unconfirmed_entry(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3", max_lessons=10)
+    journal.record("unconfirmed", b"report")  # its report must still go out: never pruned
+    for n in range(30):
+        journal.record(f"l{n}", b"report")
+        journal.mark_reported(f"l{n}")
+    assert journal.entry("unconfirmed") == Entry(b"report", reported=False)
+    assert journal.entry("l19") is None  # out of the window
+    assert journal.entry("l20") == Entry(b"", reported=True)  # the oldest of the newest 10
+    assert len(journal) == 11
+    assert journal.count() == 31  # lessons done, pruned ones included
+    journal.close()
+    assert Journal(tmp_path / "journal.sqlite3", max_lessons=10).count() == 31
+
+
+def test_a_journal_from_before_retention_is_trimmed_and_compacted_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path, max_lessons=100_000)
+    for n in range(600):
+        journal.record(f"lesson-{n:04d}", b"x" * 4000)
+    journal.close()
+    db = sqlite3.connect(path)  # as an old node left them: every report confirmed, body kept
+    db.execute("UPDATE done SET reported_at='2026-01-01T00:00:00+00:00'")
+    db.commit()
+    db.close()
+    grown = path.stat().st_size
+    journal = Journal(path, max_lessons=100)
+    assert (len(journal), journal.count()) == (100, 600)
+    assert journal.entry("lesson-0599") == Entry(b"", reported=True)
+    journal.close()
+    assert path.stat().st_size < grown / 4
