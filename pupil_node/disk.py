@@ -3,8 +3,11 @@
 Writing the node's state can fail for reasons that have nothing to do with the lesson in hand: the
 disk is full (``ENOSPC``; SQLite's "database or disk is full"), read-only, or failing (``EIO``).
 The lesson is fine and will succeed once the disk is, so it must not be dead-lettered the way a
-lesson that crashes the handler twice is: :class:`StateWriteFailed` is a
-:class:`~shared.broker.Requeue`, which the consumer puts back on the queue after a backoff
+lesson that crashes the handler twice is: :class:`StateWriteFailed` is an outage
+(:class:`~shared.errors.DependencyDown`) of the state disk. The pupil's lesson consumer pauses on
+it (:class:`~shared.health.Dependency`): the lesson in hand waits unacked, no new one is taken,
+and a prober asks the disk for room (:meth:`pupil_node.node.PupilNode.probe_state_disk`) until
+it has some; a consumer that does not pause on it requeues the lesson after a backoff
 (docs/decisions.md, "A full disk loses nothing and trains nothing twice").
 """
 
@@ -16,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.broker import Requeue
+from shared.errors import DependencyDown
 
 # SQLite's primary result codes for a write the storage refused: full, I/O error, read-only, or
 # a file it could not open (a journal or WAL it could not create). Extended codes (e.g.
@@ -26,8 +29,8 @@ _SQLITE_CODES = frozenset(
 )
 
 
-class StateWriteFailed(Requeue):
-    """The node could not write its state directory; the lesson is requeued, not dead-lettered."""
+class StateWriteFailed(DependencyDown):
+    """The node cannot write its state directory now; the lesson waits, it is not dead-lettered."""
 
 
 def is_storage_failure(exc: BaseException) -> bool:
@@ -67,8 +70,8 @@ def state_write(what: str) -> Iterator[None]:
         if not is_storage_failure(exc):
             raise
         raise StateWriteFailed(
-            f"could not {what}: {exc}; the lesson waits in the queue until the state directory "
-            "can be written again"
+            f"could not {what}: {exc}; the lesson waits until the state directory can be "
+            "written again"
         ) from exc
 
 

@@ -280,7 +280,8 @@ class PupilNode:
         learned twice when it comes back, even after other lessons. The two checkpoints are
         written at the same time: each is atomic on its own, and most of a write is waiting for
         the disk (fsync), which two writes can share. A failed write rolls the adapters back
-        (:meth:`_save`); a full disk raises :class:`StateWriteFailed` (the lesson is requeued).
+        (:meth:`_save`); a full disk raises :class:`StateWriteFailed`, an outage of the state
+        disk: the consumer holds the lesson and retries it once the disk has room.
         """
         assert lesson.split == "train", "eval lessons are never learned"
         pairs = (
@@ -334,24 +335,36 @@ class PupilNode:
             self.prompt_trainer.version,
         )
         with state_write(f"checkpoint lesson {lesson.lesson_id}"):
-            raise errors[0]  # a full disk requeues the lesson; anything else is a bug: as is
+            raise errors[0]  # a full disk holds the lesson back; anything else is a bug: as is
 
     def state_free_bytes(self) -> int:
         """Bytes still free for the node's state (checkpoints, journal, memory)."""
         return free_bytes(self.checkpoint_path.parent)
 
-    def _check_free_space(self) -> None:
+    def _check_free_space(self, needed: int | None = None) -> None:
         # Every new lesson writes state: a train lesson two checkpoints, the memory and the
-        # journal. Short of the minimum, take none: the lesson waits in the queue rather than be
-        # answered only to fail at its checkpoint.
-        minimum = self.config.min_free_bytes
+        # journal. Short of the minimum, take none: the lesson waits rather than be answered only
+        # to fail at its checkpoint.
+        needed = self.config.min_free_bytes if needed is None else needed
         free = self.state_free_bytes()
-        if free < minimum:
+        if free < needed:
             raise StateWriteFailed(
                 f"the state directory {self.checkpoint_path.parent} has {free} bytes free, "
-                f"under pupil.min_free_bytes ({minimum}); lessons wait in the queue until "
-                "space is freed"
+                f"{needed} needed (pupil.min_free_bytes is {self.config.min_free_bytes}); "
+                "lessons wait until space is freed"
             )
+
+    def probe_state_disk(self) -> None:
+        """Raise StateWriteFailed unless the state disk has room for a train lesson's writes.
+
+        Room means ``pupil.min_free_bytes``, and at least the size of the adapters' checkpoints:
+        a train lesson writes each anew before the old one goes, so a disk that refused a write
+        is not worth another try with less. The lesson consumer's prober calls this while the
+        state disk is down.
+        """
+        paths = (self.checkpoint_path, self.prompt_checkpoint_path)
+        written = sum(path.stat().st_size for path in paths if path.exists())
+        self._check_free_space(max(self.config.min_free_bytes, written))
 
     def _train(
         self, trainer: AdapterTrainer, lesson: Lesson, x: np.ndarray, y: np.ndarray

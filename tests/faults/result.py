@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from tests.faults.checkpoints import trained_twice
 from tests.faults.wiretap import WireTap
 
 
@@ -41,12 +44,15 @@ def tally(
     nodes: set[str],
     recovery_s: float | None,
     only: set[str] | None = None,
+    state_dirs: Iterable[Path] | None = None,
     **evidence: Any,
 ) -> FaultResult:
     """Count lessons and reports on the wire tap against what a fault-free run would publish.
 
     ``only``, when given, limits the count to those lesson ids (e.g. leaves out bad input that
-    happens to decode as a lesson of another embedding space).
+    happens to decode as a lesson of another embedding space). ``state_dirs``, the pupils' state
+    directories, gives ``trained_twice`` from their adapter checkpoints (read now, so call this
+    while they are still there).
     """
     lessons = Counter(i for i in tap.lesson_ids() if only is None or i in only)
     reports = Counter(p for p in tap.report_pairs(nodes) if only is None or p[0] in only)
@@ -59,4 +65,5 @@ def tally(
         duplicated=duplicated,
         recovery_s=recovery_s,
         evidence={"lesson_publishes": lessons, "report_publishes": reports, **evidence},
+        trained_twice=None if state_dirs is None else trained_twice(state_dirs),
     )

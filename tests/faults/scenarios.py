@@ -20,6 +20,7 @@ from tests.faults.broker_faults import (
     broker_restarted,
     slower_than_consumer_timeout,
 )
+from tests.faults.disk_faults import state_disk_full
 from tests.faults.input_faults import bad_input, corrupt_checkpoint
 from tests.faults.model_faults import model_server_outage
 from tests.faults.process_faults import (
@@ -50,6 +51,7 @@ SCENARIOS = (
     Scenario("consumer-timeout", slower_than_consumer_timeout, "timeout"),
     Scenario("bad-input", bad_input),
     Scenario("corrupt-checkpoint", corrupt_checkpoint),
+    Scenario("disk-full", state_disk_full),
     Scenario("shared-state-dir", two_pupils_one_directory),
     Scenario("long-run-retention", long_run_bounded_state),
     Scenario("model-down", model_server_outage),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from pupil_node.disk import StateWriteFailed
 from pupil_node.node import CHECKPOINT_NAME, JOURNAL_NAME, PROMPT_CHECKPOINT_NAME, PupilNode
 from shared.backends import Embedder, TextGenerator
-from shared.broker import Requeue
 from shared.checkpoint import load_checkpoint
 from shared.config import PupilConfig
 from shared.metrics import PupilMetrics
@@ -72,12 +72,16 @@ def test_a_checkpoint_the_disk_refuses_is_rolled_back_and_the_lesson_requeued(
     # Twice: before the fix, the retry found the lesson "in the adapter already" (in memory
     # only) and reported it as trained while the checkpoint stayed at version 1.
     for _ in range(2):
-        with pytest.raises(Requeue, match="No space left on device"):
+        with pytest.raises(StateWriteFailed, match="No space left on device"):
             node.process(second)
         assert (node.trainer.version, node.prompt_trainer.version) == (1, 1)
         assert versions_on_disk(state) == (1, 1)
         assert node.journal.entry("l2") is None
+    # The lesson consumer's prober waits for room for both checkpoints before it tries again.
+    with pytest.raises(StateWriteFailed):
+        node.probe_state_disk()
     filler.unlink()
+    node.probe_state_disk()
     report = report_of(node.process(second).report)
     assert report.trained and report.losses and report.adapter_version == 2
     node.close()
@@ -121,8 +125,9 @@ def test_a_lesson_checkpointed_but_not_journalled_is_never_trained_again(
             assert versions_on_disk(state) == (3, 3)
             assert [r.replayed for r in reports] == [False, False, True]
             assert all(report_of(r.report).trained for r in reports)
-            # The full journal disk requeued the lessons; it did not dead-letter them.
-            assert all(isinstance(f, Requeue) for f in failures), failures
+            # The full journal disk was an outage of the state disk: the consumer holds such a
+            # lesson and retries it; it never dead-letters it.
+            assert all(isinstance(f, StateWriteFailed) for f in failures), failures
         finally:
             node.close()
 
@@ -138,7 +143,7 @@ def test_below_min_free_bytes_the_node_takes_no_lesson_and_its_gauge_says_why(
         filler = fill(state, 256 * 1024)
         free = metrics.registry.get_sample_value("distill_swarm_state_free_bytes")
         assert free is not None and 256 * 1024 <= free < 512 * 1024
-        with pytest.raises(Requeue, match="min_free_bytes"):
+        with pytest.raises(StateWriteFailed, match="min_free_bytes"):
             node.process(delivery_of(models[1], "l2", "train"))
         assert (node.trainer.version, node.journal.entry("l2")) == (1, None)
         filler.unlink()

@@ -11,9 +11,8 @@ import pytest
 
 from pupil_node.disk import StateWriteFailed, is_storage_failure, state_write
 from shared.adapter import AdapterTrainer
-from shared.broker import Requeue
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, DependencyDown
 from tests.support.tmpfs import fill, require_tmpfs, small_tmpfs
 
 DIM = 8
@@ -64,7 +63,7 @@ def test_sqlite_on_a_full_disk_is_a_storage_failure_even_behind_a_failed_rollbac
     assert is_storage_failure(caught.value)
     with pytest.raises(StateWriteFailed) as wrapped, state_write("journal lesson x"):
         db.execute("INSERT INTO t VALUES (?)", (b"x" * 8000,))
-    assert isinstance(wrapped.value, Requeue)  # the consumer requeues it with backoff
+    assert isinstance(wrapped.value, DependencyDown)  # an outage: the consumer waits it out
     db.close()
 
 
