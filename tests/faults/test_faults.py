@@ -15,7 +15,7 @@ from distill_swarm.local_broker import LocalBroker
 from tests.faults.broker_faults import broker_restarted, slower_than_consumer_timeout
 from tests.faults.garbage import CATEGORIES
 from tests.faults.input_faults import bad_input, corrupt_checkpoint
-from tests.faults.model_faults import model_server_outage
+from tests.faults.model_faults import JOBS_WHILE_DOWN, jobs_while_model_down, model_server_outage
 from tests.faults.process_faults import (
     LESSONS,
     master_killed_mid_run,
@@ -155,3 +155,21 @@ def test_a_model_server_outage_pauses_the_swarm_and_loses_nothing(
     # The master's publisher waited for its model instead of failing the run.
     assert ev["master_said_down"], ev["master_log"][-3000:]
     assert (ev["master_exit"], ev["pupil_exit"]) == (0, 0), ev["master_log"][-3000:]
+
+
+def test_a_pupil_whose_model_is_down_takes_no_jobs_until_it_is_back(
+    fault_broker: LocalBroker, tmp_path: Path
+) -> None:
+    ev = jobs_while_model_down(fault_broker, tmp_path)
+    results = ev["results"]
+    # The job that found the model down was answered at once with the reason (the master then
+    # answers it itself); nothing else was taken and failed while the model was down.
+    assert results["first"].error is not None and "Unreachable" in results["first"].error
+    assert ev["answered_during_outage"] == ["first"], ev["pupil_log"][-3000:]
+    # One job waits in the paused consumer (its prefetch window), the rest in the shared queue
+    # for pupils whose model answers.
+    assert ev["queue_while_down"] == (JOBS_WHILE_DOWN - 1, 1)
+    # Once the model is back, every one of them is answered, none with an error.
+    later = [results[f"later-{n}"] for n in range(JOBS_WHILE_DOWN)]
+    assert all(r.error is None and r.output for r in later), [r.error for r in later]
+    assert ev["pupil_exit"] == 0
