@@ -9,7 +9,7 @@ per lesson and in all, and the RAM the searchable goal vectors take.
 
 Run it with ``PYTHONPATH=<a checkout of an older commit>`` to measure that commit's code: the
 retention settings are passed only to code that has them. Nothing here is timed; the figures are
-in docs/decisions.md ("Bounded pupil state").
+in docs/decisions.md (section 25).
 """
 
 from __future__ import annotations

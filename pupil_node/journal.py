@@ -10,7 +10,7 @@ marked *reported* once the broker confirmed the report:
 - if the node dies between checkpoint and journal, the checkpoint's ``last_lesson_id`` tells the
   node the training already happened.
 
-Retention (docs/decisions.md, "Bounded pupil state"): a confirmed report is never sent again, so
+Retention (docs/decisions.md, section 25): a confirmed report is never sent again, so
 its body is dropped when the confirm is noted; the ids of the newest ``max_lessons`` finished
 lessons are kept (their redelivery is only acked), older confirmed entries are pruned, and an
 unconfirmed entry is never pruned. ``meta`` holds what outlives the rows (the pruned count, so

@@ -3,7 +3,7 @@
 Only ``train`` lessons are ever written here (the node's flow guarantees it and a test proves it),
 so an eval prompt can never be answered with its own master answer as an "example".
 
-Retention (docs/decisions.md, "Bounded pupil state"): the newest ``max_lessons`` train lessons
+Retention (docs/decisions.md, section 25): the newest ``max_lessons`` train lessons
 keep their goal and master answer on disk (oldest dropped first); the newest
 ``searchable_lessons`` of them are searched, and only their goal vectors are kept, on disk and in
 RAM (a ring: adding the next one past the bound replaces the oldest in place).

@@ -1,7 +1,7 @@
 """The pupil's state directory: where it is by default, which node owns it, one process at a time.
 
 A pupil's state (adapter checkpoints, lesson journal, lesson memory) belongs to one node id and
-one running process (docs/decisions.md, "One state directory per node"):
+one running process (docs/decisions.md, section 24):
 - the default directory is per node: ``$XDG_STATE_HOME/distill-swarm/pupil/<node_id>``
   (``~/.local/state/...`` when ``XDG_STATE_HOME`` is unset), so two nodes started from one
   directory never share a journal;

@@ -136,8 +136,10 @@ class GuidanceConfig(_Section):
 
 
 class RetentionConfig(_Section):
-    """How much of its past a pupil keeps on disk and in memory (docs/decisions.md, "Bounded
-    pupil state"). Sizes measured per lesson are in that section."""
+    """How much of its past a pupil keeps on disk and in memory.
+
+    docs/decisions.md, section 25, gives the reasons and the sizes measured per lesson.
+    """
 
     # Finished lessons the journal remembers (id, confirmed flag), newest first: a redelivery of
     # one of them is only acked or its report re-sent, never trained again. A report's body is
