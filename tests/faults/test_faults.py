@@ -40,6 +40,7 @@ def test_a_pupil_killed_mid_lesson_redoes_it_once(
     assert set(ev["delivery_counts"].values()) == {1}
     # The adapter checkpoint loads and holds each train lesson exactly once.
     assert ev["adapter_version"] == ev["prompt_adapter_version"] == len(ev["train_lessons"])
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     assert ev["adapter_lessons"] == ev["train_lessons"]
     assert (ev["master_exit"], ev["pupil_exit"]) == (0, 0)
 
@@ -51,6 +52,7 @@ def test_a_broker_restart_is_survived_without_loss(
     ev = result.evidence
     assert (result.lost, result.reports_received) == (0, LESSONS)
     assert ev["stored_reports"] == LESSONS  # a duplicate on the wire is stored once
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     # Both services noticed, reconnected by themselves and kept working: nobody restarted them.
     assert ev["pupil_survived"] and (ev["master_exit"], ev["pupil_exit"]) == (0, 0)
     for log in (ev["master_log"], ev["pupil_log"]):
@@ -68,6 +70,7 @@ def test_a_restarted_master_resumes_without_republishing(
     assert 2 <= len(ev["published_at_kill"]) < LESSONS  # killed mid-run
     assert (result.lost, result.reports_received) == (0, LESSONS)
     assert len(ev["published_after"]) == LESSONS
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     # Lessons marked published before the kill went out once; only a lesson saved but not yet
     # marked published may go out again (the pupil's journal then absorbs it).
     publishes = ev["lesson_publishes"]
@@ -86,6 +89,7 @@ def test_a_pupil_back_from_offline_works_through_its_backlog_in_order(
     assert ev["backlog"] >= 1
     assert (result.lost, result.duplicated) == (0, 0)
     assert ev["report_order"] == ev["publish_order"]
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     assert (ev["stop_exit"], ev["pupil_exit"], ev["master_exit"]) == (0, 0, 0)
 
 
@@ -100,6 +104,7 @@ def test_a_node_slower_than_consumer_timeout_still_learns_each_lesson_once(
     assert (result.lost, result.duplicated) == (0, 0)
     assert ev["acked_from_journal"] >= 1
     assert ev["adapter_version"] == result.lessons_sent
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     assert ev["pupil_exit"] == 0
 
 
@@ -118,6 +123,7 @@ def test_bad_input_is_dead_lettered_with_a_reason_and_the_pupil_goes_on(
     # A lesson from another embedding space also gets an error report, so the master knows why.
     assert ev["refusal_reports"] == ev["rejected_delta"]["embedding_mismatch"] > 0
     assert (result.lost, result.duplicated) == (0, 0)  # the valid lessons after them went through
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     assert ev["pupil_alive"] and ev["pupil_exit"] == 0
 
 
@@ -131,6 +137,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     # It learns on from the previous version: 1 + the new lesson.
     assert ev["report_adapter_versions"] == [2]
     assert set(ev["versions_after"].values()) == {2}
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     assert (result.lost, ev["pupil_exit"]) == (0, 0)
 
 
