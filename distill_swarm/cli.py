@@ -28,7 +28,7 @@ def _register() -> None:
     # Imported here so `distill-swarm pupil` on a Pi never imports the master's modules' deps.
     from distill_swarm.jobs_cli import jobs, submit
     from master.cli import app as master_app
-    from master.cli import evaluate, status
+    from master.cli import evaluate, exam, status
     from master.node_cli import app as node_app
     from pupil_node.cli import app as pupil_app
 
@@ -37,6 +37,7 @@ def _register() -> None:
     app.add_typer(node_app, name="node")
     app.command("status")(status)
     app.command("eval")(evaluate)
+    app.command("exam")(exam)
     app.command("submit")(submit)
     app.command("jobs")(jobs)
 

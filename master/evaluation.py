@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from master.store import Store
+from shared.messages import Report
 
 PLAIN = "plain"
 ADAPTER_VECTOR = "adapter-vector"
@@ -119,16 +120,20 @@ class Evaluation:
     judge: Mapping[str, object] | None = None
 
 
-def load(store: Store) -> EvalData:
-    """Read eval figures, ceilings, training losses and decoding settings from the store."""
+def load(store: Store, exam_reports: Sequence[Report] | None = None) -> EvalData:
+    """Read eval figures, ceilings, training losses and decoding settings from the store.
+
+    The eval figures are the online ones (each eval lesson as it arrived, interleaved with
+    training) unless ``exam_reports`` is given: then they are that exam's (master/exam.py).
+    """
     samples: list[Sample] = []
     train: dict[str, list[tuple[int, list[float]]]] = defaultdict(list)
-    for r in store.reports():
-        if r.error is not None:
-            continue
-        if r.split == "train":
-            if r.trained and r.losses:
-                train[r.node_id].append((r.adapter_version, list(r.losses)))
+    reports = store.reports()
+    for r in reports:
+        if r.error is None and r.split == "train" and r.trained and r.losses:
+            train[r.node_id].append((r.adapter_version, list(r.losses)))
+    for r in reports if exam_reports is None else exam_reports:
+        if r.error is not None or r.split == "train":
             continue
         figures: list[tuple[str, float | None]] = [
             (PLAIN, r.similarity_before),
@@ -380,6 +385,8 @@ def format_table(evaluation: Evaluation) -> str:
         f"  percentile bootstrap over lessons, {evaluation.resamples} resamples, "
         f"seed {evaluation.seed}",
         f"* {ADAPTER_VECTOR}: the adapter's prediction in embedding space; it changes no output",
+        "lora = the plain prompt answered by the node's own model with its served LoRA adapter "
+        "(one sample); plain = the base model",
         "ceiling = the master's agreement with itself on the same lessons; master decoding:",
         f"  {evaluation.decoding or '(not recorded)'}",
         f"  -> {evaluation.ceiling_note}",

@@ -17,6 +17,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+from master.exam import Exam, ExamStore, eval_lessons, publish_exam
 from master.identity import IdentityCheck
 from master.job_store import JobStore
 from master.jobs import JobDispatcher, MasterAnswerer
@@ -88,6 +89,9 @@ class MasterService:
             rejected=self.metrics.rejected,
             model=self.model,
         )
+        self.exams = ExamStore(store)
+        self.exam: Exam | None = None  # the exam this run held at its end (master.exam)
+        self._has_eval: bool | None = None  # whether this run published eval lessons
         self.lesson_ids: list[str] = []
         self.identity = IdentityCheck(
             settings.master.verify_node_identity, broker_user(settings.broker.url)
@@ -115,6 +119,9 @@ class MasterService:
             assert isinstance(report, Report)
             self._check_identity(report.node_id, delivery)
             self._check_lesson(report)
+            if report.exam_id is not None:
+                self._add_exam_report(report)
+                return
             new = self.store.add_report(report)
             self.metrics.record_report(report, new)
             if new:
@@ -144,6 +151,24 @@ class MasterService:
             self.metrics.record_node(message.node, online=False)
         else:
             raise DecodeError(f"unexpected {message.kind} message on the control queue")
+
+    def _add_exam_report(self, report: Report) -> None:
+        assert report.exam_id is not None
+        if self.exams.get(report.exam_id) is None:
+            raise DecodeError(
+                f"report from node '{report.node_id}' answers exam '{report.exam_id}', which "
+                "this master never held"
+            )
+        new = self.exams.add_report(report)
+        log.info(
+            "%s report %s of %s from %s: plain=%s%s",
+            "exam" if new else "duplicate exam",
+            report.lesson_id[:8],
+            report.exam_id,
+            report.node_id,
+            _fmt(report.similarity_before),
+            "".join(f" {m}={v:.3f}" for m, v in report.guided.items()),
+        )
 
     def _check_identity(self, node_id: str, delivery: Delivery) -> None:
         self.identity.check(node_id, delivery.properties.user_id)
@@ -267,6 +292,45 @@ class MasterService:
         want, have = self.store.receivable_pairs(self.lesson_ids, nodes)
         return have >= want
 
+    def hold_exam(self) -> None:
+        """Once every report of the run is in, send its eval lessons again as an exam.
+
+        Runs on the publisher thread. Nodes answer the exam with what they serve at the end of
+        the curriculum (their last LoRA version included); see :mod:`master.exam`.
+        """
+        while not self.complete():
+            if self.stop.wait(WAIT_POLL_S):
+                return
+        if not self._run_has_eval():
+            return
+        publisher = Publisher(self.settings.broker, self.topology.declare_master, self.stop)
+        try:
+            self.exam = publish_exam(
+                self.store, self.exams, publisher, self.topology, self.lesson_ids
+            )
+        finally:
+            publisher.close()
+        log.info(
+            "curriculum done; exam %s sent: %d eval lessons",
+            self.exam.exam_id,
+            len(self.exam.lesson_ids),
+        )
+
+    def exam_complete(self) -> bool:
+        """True when the run's exam (if it holds one) has a report from every present node."""
+        if not self.settings.master.exam:
+            return True
+        if self.exam is None:
+            # No exam (yet): a run without eval lessons never holds one.
+            return self.publishing_done.is_set() and not self._run_has_eval()
+        want, have = self.exams.answered(self.exam.exam_id, self.expected_nodes())
+        return want > 0 and have >= want
+
+    def _run_has_eval(self) -> bool:
+        if self._has_eval is None:
+            self._has_eval = bool(eval_lessons(self.store, self.lesson_ids))
+        return self._has_eval
+
     def _log_missed(self) -> None:
         for node in self.expected_nodes():
             missed = set(self.store.missed_lessons(node)) & set(self.lesson_ids)
@@ -290,6 +354,8 @@ class MasterService:
         def publish() -> None:
             try:
                 self.publish_lessons()
+                if exit_when_done and self.settings.master.exam:
+                    self.hold_exam()
             except BaseException as exc:
                 self.failure = exc
                 self.stop.set()
@@ -302,7 +368,7 @@ class MasterService:
                 self.stop.set()
 
         def tick() -> None:
-            if exit_when_done and self.complete():
+            if exit_when_done and self.complete() and self.exam_complete():
                 self._log_missed()
                 log.info("every report is in; stopping")
                 self.stop.set()

@@ -212,6 +212,10 @@ class MasterConfig(_Section):
     # (a quorum-queue settle) per report and falls behind 200 reporting nodes (docs/scale.md);
     # a master that dies with them unacked gets them again, and its store counts each once.
     prefetch: int = Field(default=100, ge=1, le=1000)
+    # With --exit-when-done: once every report is in, send the run's eval lessons again as an
+    # exam that every node answers with its final model, by every method (master/exam.py), and
+    # stop only when the exam is answered too. `distill-swarm exam` holds one at any time.
+    exam: bool = True
     # Measure the master's self-agreement on eval lessons (one extra generation each unless the
     # master decodes greedily): the ceiling every similarity figure is read against.
     ceiling: bool = True

@@ -40,6 +40,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 Split = Literal["train", "eval"]
+ExamId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 # What a node says it is doing: "ok", or "model down" while its model server is out and it takes
 # no lessons or jobs (shared/health.py). More states may come; a master must know them first.
 NodeState = Literal["ok", "model down"]
@@ -136,6 +137,20 @@ class Lesson(Message):
     master_answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
     reference: Embedding
     split: Split
+    # Set when the master sends an eval lesson again as part of an exam (`distill-swarm exam`):
+    # every node answers it with what it serves *now*, by every method, and learns nothing.
+    exam_id: ExamId | None = None
+
+    @model_validator(mode="after")
+    def _exams_are_eval(self) -> Lesson:
+        if self.exam_id is not None and self.split != "eval":
+            raise ValueError("an exam lesson must be an eval lesson")
+        return self
+
+    @property
+    def work_id(self) -> str:
+        """What a node's journal knows this piece of work by: an exam repeats a lesson id."""
+        return self.lesson_id if self.exam_id is None else f"{self.lesson_id}@{self.exam_id}"
 
 
 class Timings(BaseModel):
@@ -170,7 +185,11 @@ class Report(Message):
     losses: list[float] = Field(default_factory=list, max_length=10_000)
     timings: Timings = Field(default_factory=Timings)
     adapter_version: int = Field(ge=0, default=0)
+    # The LoRA version the node served when it answered (0: its base model alone).
+    lora_version: int = Field(ge=0, default=0)
     trained: bool = False
+    # The exam this report answers (see Lesson.exam_id); None for the lesson's first delivery.
+    exam_id: ExamId | None = None
     error: str | None = Field(default=None, max_length=2_000)
 
     @field_validator("losses")
@@ -184,6 +203,8 @@ class Report(Message):
     def _eval_is_never_trained(self) -> Report:
         if self.split == "eval" and self.trained:
             raise ValueError("an eval lesson must never be trained on")
+        if self.exam_id is not None and self.split != "eval":
+            raise ValueError("an exam report must be for an eval lesson")
         if set(self.guided_answers) - set(self.guided):
             raise ValueError("guided_answers names a method that has no similarity in guided")
         return self
@@ -201,6 +222,7 @@ class NodeInfo(BaseModel):
     embedding_dim: int = Field(gt=0, le=MAX_EMBEDDING_DIM)
     hardware: str = Field(default="", max_length=500)
     adapter_version: int = Field(ge=0, default=0)
+    lora_version: int = Field(ge=0, default=0)
     lessons_done: int = Field(ge=0, default=0)
     # Random per process start: two instances speaking for one node id at once are two machines
     # with the same id (a cloned SD card), which the master reports. None from older nodes.
