@@ -134,6 +134,7 @@ def broker_name_unresolvable(broker: LocalBroker, workdir: Path) -> FaultResult:
             {NODE},
             tap.recovery_s(back, NODE),
             only={lesson.lesson_id for lesson in lessons},
+            state_dirs=[swarm.state_dir(NODE)],
             start_exit=start_exit,
             start_error_lines=re.findall(r"^error: .*$", start_log, re.M),
             start_log=start_log,
