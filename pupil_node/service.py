@@ -72,7 +72,7 @@ class PupilService:
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.stop = stop or threading.Event()
         self.publisher = Publisher(settings.broker, self._declare, self.stop)
-        # A full state disk stops a node's learning (its lessons wait in the queue): say so.
+        # A full state disk stops a node's learning (its lessons wait): say so on /metrics.
         self.metrics.watch_free_space(node.state_free_bytes)
         health = settings.health
         self.model = Dependency(

@@ -295,13 +295,13 @@ class PupilConfig(_Section):
     state_dir: Path | None = None
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     # Below this many bytes free where the state directory lives, the node takes no new lesson:
-    # each goes back to the queue (with backoff) until space is freed, and the node's
-    # distill_swarm_state_free_bytes gauge shows why. 64 MiB covers a train lesson's writes with
-    # room to spare: both adapters' new checkpoints are written before the old ones go (4 MB each
-    # at 384 dims and 11 MB at 1024, with the default adapter and a full replay buffer), and
-    # SQLite's write-ahead logs grow to about 4 MB each before they are recycled. A margin, not
-    # the guarantee: a write that fails anyway rolls the adapters back and requeues the lesson.
-    # 0 turns the check off.
+    # its lesson consumer pauses (the lesson in hand waits unacked) until a probe finds room, and
+    # the node's distill_swarm_state_free_bytes gauge shows why. 64 MiB covers a train lesson's
+    # writes with room to spare: both adapters' new checkpoints are written before the old ones
+    # go (4 MB each at 384 dims and 11 MB at 1024, with the default adapter and a full replay
+    # buffer), and SQLite's write-ahead logs grow to about 4 MB each before they are recycled. A
+    # margin, not the guarantee: a write that fails anyway rolls the adapters back and holds the
+    # lesson. 0 turns the check off.
     min_free_bytes: int = Field(default=64 * 2**20, ge=0)
     # The lesson consumer is exclusive: a second process with this node id is refused. A refused
     # node retries this long before it exits (code 6), because the process in the way may be its
