@@ -281,11 +281,17 @@ def forged_reports(broker: LocalBroker, workdir: Path) -> FaultResult:
 def _send_forgeries(swarm: Swarm, forger_url: str) -> tuple[dict[str, str], dict[str, str]]:
     """Publish the lying reports and one honest error report; returns (forged, honest), each
     message id -> the lesson id it names."""
-    by_split: dict[str, Lesson] = {}
-    for (body,) in swarm.query("SELECT body FROM lessons WHERE published_at IS NOT NULL"):
-        lesson = Lesson.model_validate_json(str(body))
-        by_split.setdefault(lesson.split, lesson)
-    train, held_out = by_split["train"], by_split["eval"]
+
+    def by_split() -> dict[str, Lesson]:
+        # A read of the store can fail while the master writes it (Swarm.query then says []).
+        found: dict[str, Lesson] = {}
+        for (body,) in swarm.query("SELECT body FROM lessons WHERE published_at IS NOT NULL"):
+            lesson = Lesson.model_validate_json(str(body))
+            found.setdefault(lesson.split, lesson)
+        return found if len(found) == 2 else {}
+
+    lessons = wait_until(by_split, START_TIMEOUT_S, "a train and an eval lesson in the store")
+    train, held_out = lessons["train"], lessons["eval"]
 
     def perfect(node: str, lesson_id: str, split: Split, **fields: Any) -> Report:
         return Report(
