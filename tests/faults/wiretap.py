@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pika.adapters.blocking_connection import BlockingChannel
@@ -84,8 +85,10 @@ class WireTap:
             return self
         with contextlib.suppress(Exception):  # the broker may go away mid-poll: retry next time
             channel = connection.channel()
-            self.lessons += [_lesson(body) for body in _drain(channel, self.lessons_queue)]
-            self.reports += [_report(body) for body in _drain(channel, self.reports_queue)]
+            # Each copy is kept as soon as it is read: the gets ack automatically, so a copy read
+            # before a failure later in the same poll must not be dropped with the failure.
+            _drain(channel, self.lessons_queue, lambda body: self.lessons.append(_lesson(body)))
+            _drain(channel, self.reports_queue, lambda body: self.reports.append(_report(body)))
         with contextlib.suppress(Exception):
             connection.close()
         return self
@@ -123,13 +126,12 @@ class WireTap:
         return round(min(times) - since.at, 1) if times else None
 
 
-def _drain(channel: BlockingChannel, queue: str) -> list[bytes]:
-    bodies: list[bytes] = []
+def _drain(channel: BlockingChannel, queue: str, keep: Callable[[bytes], None]) -> None:
     while True:
         method, _props, body = channel.basic_get(queue, auto_ack=True)
         if method is None:
-            return bodies
-        bodies.append(body)
+            return
+        keep(body)
 
 
 def _lesson(body: bytes) -> Seen:
