@@ -38,7 +38,7 @@ from shared.broker import Delivery
 from shared.checkpoint import load_latest, save_checkpoint
 from shared.config import PupilConfig
 from shared.errors import EmbeddingMismatch
-from shared.messages import Lesson, NodeInfo, Report, Timings, decode, encode
+from shared.messages import Lesson, NodeInfo, Report, Timings, decode, encode, new_id
 from shared.similarity import cosine
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class PupilNode:
         releases it. Raises StateDirInUse or ConfigError for a directory it may not use.
         """
         self.node_id = node_id
+        # New at every process start, never stored: a cloned SD card copies the state directory,
+        # so only a per-process id tells the master two machines apart that share a node id.
+        self.instance_id = new_id()[:16]
         self.config = config
         self.generator = generator
         self.embedder = embedder
@@ -172,6 +175,7 @@ class PupilNode:
             adapter_version=self.trainer.version,
             lessons_done=self.journal.count(),
             job_kinds=list(self.config.jobs),
+            instance_id=self.instance_id,
         )
 
     # -- the lesson flow -------------------------------------------------------------------
