@@ -15,6 +15,7 @@ COLUMNS = (
     ("missed", 6),
     ("errors", 6),
     ("loss", 7),
+    ("lora", 4),
     ("eval n", 6),
     ("sim before", 10),
     ("sim adapted", 11),
@@ -44,6 +45,7 @@ def format_table(rows: list[NodeStatus]) -> str:
             str(len(r.missed)).rjust(6),
             str(r.errors).rjust(6),
             _num(r.latest_loss, 7),
+            (f"v{r.lora_version}" if r.lora_version else "-").rjust(4),
             str(r.eval_lessons).rjust(6),
             _num(r.mean_before, 10),
             _num(r.mean_adapted, 11),
@@ -69,7 +71,8 @@ def format_table(rows: list[NodeStatus]) -> str:
         "sim = mean cosine to the master's answer on eval lessons (never trained on): before = "
         "plain answer, adapted = adapter's vector (changes no output), guided = what the pupil "
         "says with its guidance method; job kinds = how many kinds of job the node takes "
-        "(`--json` lists them); missed = lessons published before the master first heard from "
+        "(`--json` lists them); lora = the LoRA version the node serves (- : its base model); "
+        "missed = lessons published before the master first heard from "
         "the node, which its queue never got (`--json` lists them)"
     )
     return "\n".join(lines)

@@ -119,6 +119,7 @@ class NodeStatus:
     # Lessons published before the master first heard from the node, with no report from it: its
     # queue did not exist yet, so it never got them (ids, in publishing order).
     missed: tuple[str, ...] = ()
+    lora_version: int = 0  # the LoRA version the node serves, from its latest hello or heartbeat
 
 
 class Store:
@@ -521,6 +522,7 @@ class Store:
                     mean_adapted=agg["adapted"],
                     mean_guided=agg["guided"],
                     job_kinds=tuple(info.job_kinds),
+                    lora_version=info.lora_version,
                     missed=tuple(self.missed_lessons(node["node_id"])),
                 )
             )

@@ -12,6 +12,7 @@ import typer
 from shared.backends import embedder_from, generator_from
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 from shared.metrics import PupilMetrics, serve
+from shared.study_metrics import StudyMetrics
 
 app = typer.Typer(
     help="A pupil node: learn from the master.", no_args_is_help=True, rich_markup_mode=None
@@ -70,7 +71,9 @@ def run(
     with exit_on_errors():
         generator = generator_from(cfg.generator)
         embedder = embedder_from(cfg.embedder)
-        node = PupilNode(cfg.node_id, cfg, generator, embedder, state)
+        node = PupilNode(
+            cfg.node_id, cfg, generator, embedder, state, StudyMetrics(metrics.registry)
+        )
         service = PupilService(settings, node, stop, metrics)
         log.info(
             "pupil %s: model %s, adapter v%d",

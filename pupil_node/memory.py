@@ -111,6 +111,17 @@ class LessonMemory:
         """How many lessons' goal and master answer are on disk (at most ``max_lessons``)."""
         return int(self._db.execute("SELECT COUNT(*) FROM lessons").fetchone()[0])
 
+    def recent(self, limit: int) -> list[tuple[str, str, str]]:
+        """The newest ``limit`` stored lessons as (lesson_id, goal_text, master_answer), oldest
+        first: what a LoRA study round trains on (pupil_node/study)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT lesson_id, goal_text, master_answer FROM lessons "
+                "ORDER BY rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in reversed(rows)]
+
     def lesson_ids(self) -> list[str]:
         """Every searchable lesson id, oldest first."""
         return self._ids[self._oldest :] + self._ids[: self._oldest]

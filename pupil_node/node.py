@@ -31,15 +31,18 @@ from pupil_node.guidance import Answer, Goal, Guide
 from pupil_node.journal import Journal
 from pupil_node.memory import LessonMemory
 from pupil_node.state import NodeState, resolve_state_dir
+from pupil_node.study.data import StudyLesson
+from pupil_node.study.serving import LoraServing
 from shared import __version__
 from shared.adapter import AdapterTrainer
 from shared.backends import Embedder, GenerationParams, TextGenerator
 from shared.broker import Delivery
 from shared.checkpoint import load_latest, save_checkpoint
-from shared.config import PupilConfig
+from shared.config import LORA_METHODS, PupilConfig
 from shared.errors import EmbeddingMismatch
 from shared.messages import Lesson, NodeInfo, Report, Timings, decode, encode, new_id
 from shared.similarity import cosine
+from shared.study_metrics import StudyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class PupilNode:
         generator: TextGenerator,
         embedder: Embedder,
         state: NodeState | None = None,
+        study_metrics: StudyMetrics | None = None,
     ) -> None:
         """Open the node's state directory and load its adapters, journal and memory.
 
@@ -114,9 +118,11 @@ class PupilNode:
         self.state_lock = threading.Lock()
         # Writes the two adapters' checkpoints side by side (see _learn).
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint")
+        # The node's own model with its served LoRA adapter, and the study rounds that train it.
+        self.lora = LoraServing(config, state_dir, generator, self._study_lessons, study_metrics)
         self.guide = Guide(
             config.guidance, gen, generator, embedder, self.params, self.memory,
-            self._predict_master,
+            self._predict_master, self.lora.generator,
         )  # fmt: skip
 
     # -- state -----------------------------------------------------------------------------
@@ -176,7 +182,15 @@ class PupilNode:
             lessons_done=self.journal.count(),
             job_kinds=list(self.config.jobs),
             instance_id=self.instance_id,
+            lora_version=self.lora.version,
         )
+
+    def _study_lessons(self, limit: int) -> list[StudyLesson]:
+        """The newest ``limit`` train lessons this node remembers (the memory holds no eval)."""
+        return [
+            StudyLesson(lesson_id, goal, answer)
+            for lesson_id, goal, answer in self.memory.recent(limit)
+        ]
 
     # -- the lesson flow -------------------------------------------------------------------
 
@@ -195,18 +209,20 @@ class PupilNode:
         assert isinstance(lesson, Lesson)
         self.check(lesson)
 
-        done = self.journal.entry(lesson.lesson_id)
+        # An exam repeats an eval lesson's id: the journal knows it by lesson and exam.
+        work_id = lesson.work_id
+        done = self.journal.entry(work_id)
         if done is not None:
             log.info(
                 "lesson %s already done; %s",
-                lesson.lesson_id[:8],
+                work_id[:8],
                 "its report was confirmed, acking" if done.reported else "sending its report again",
             )
-            return Outcome(lesson.lesson_id, done.report, replayed=True, reported=done.reported)
+            return Outcome(work_id, done.report, replayed=True, reported=done.reported)
         self._check_free_space()
         # Says which lesson is in hand: an operator (or a fault test) can tell a lesson that
         # was cut short from one that never started.
-        log.info("lesson %s (%s): started", lesson.lesson_id[:8], lesson.split)
+        log.info("lesson %s (%s): started", lesson.lesson_id[:8], _kind(lesson))
 
         # 1. Answer the goal plainly, the way this pupil would on its own.
         goal = Goal(lesson.goal_text, lesson.preferences, lesson.instructions)
@@ -232,7 +248,10 @@ class PupilNode:
             train_ms = _ms_since(started)
         elif self.same_space:
             started = time.perf_counter()
+            serving_lora = self.lora.generator() is not None
             for method in self.config.guidance.eval_methods:
+                if method in LORA_METHODS and not serving_lora:
+                    continue  # nothing studied yet: it would only repeat the base model
                 guided_answer = self.guide.answer(method, goal, goal_vec)
                 guided[method] = cosine(guided_answer.vector, master_vec)
                 guided_answers[method] = guided_answer.text
@@ -257,22 +276,25 @@ class PupilNode:
                 generate_ms=generate_ms, embed_ms=embed_ms, train_ms=train_ms, guide_ms=guide_ms
             ),
             adapter_version=self.trainer.version,
+            lora_version=self.lora.version,
             trained=lesson.split == "train",
+            exam_id=lesson.exam_id,
         )
         body = encode(report)
         # 4. Journal before publishing: from here on a redelivery replays this report.
         with state_write(f"journal lesson {lesson.lesson_id}"):
-            self.journal.record(lesson.lesson_id, body)
+            self.journal.record(work_id, body)
+        self.lora.lesson_done(trained=lesson.split == "train")
         log.info(
             "lesson %s (%s): before=%s adapted=%.3f%s%s",
             lesson.lesson_id[:8],
-            lesson.split,
+            _kind(lesson),
             "-" if before is None else f"{before:.3f}",
             adapted,
             "".join(f" {m}={s:.3f}" for m, s in guided.items()),
             f" loss={losses[-1]:.4f}" if losses else "",
         )
-        return Outcome(lesson.lesson_id, body, replayed=False)
+        return Outcome(work_id, body, replayed=False)
 
     def _learn(
         self, lesson: Lesson, pupil_vec: np.ndarray, goal_vec: np.ndarray, master_vec: np.ndarray
@@ -405,10 +427,15 @@ class PupilNode:
 
     def close(self) -> None:
         """Release the journal, the memory, the checkpoint writers and the state directory."""
+        self.lora.stop()  # a study round in progress is cut short; it reads the memory
         self._writer.shutdown(wait=True)
         self.journal.close()
         self.memory.close()
         self.state.close()  # last: another process may take the directory from here on
+
+
+def _kind(lesson: Lesson) -> str:
+    return lesson.split if lesson.exam_id is None else f"exam {lesson.exam_id}"
 
 
 def _ms_since(started: float) -> float:

@@ -237,6 +237,9 @@ class PupilService:
             )
         for thread in threads:
             thread.start()
+        # Study rounds run in the background (their own thread and child process); node.close()
+        # stops them.
+        self.node.lora.start()
         refused = False
         try:
             consumer.run(self.stop)

@@ -364,6 +364,13 @@ class MasterMetrics(ServiceMetrics):
             ["node"],
             registry=r,
         )
+        self.node_lora_version = Gauge(
+            NODE_PREFIX + "lora_version",
+            "The LoRA adapter version the node serves (0: its base model alone), from its latest "
+            "hello or heartbeat.",
+            ["node"],
+            registry=r,
+        )
         self.node_duplicate_messages = Counter(
             NODE_PREFIX + "duplicate_messages",
             "Hellos and heartbeats from one process of a node id while another process of that "
@@ -400,11 +407,7 @@ class MasterMetrics(ServiceMetrics):
         reports into them would count work twice. Without this, a node that died before the
         restart would have no last-seen gauge, and the node-silent alert could never fire for it.
         """
-        node = self.node_label(info.node_id)
-        self.node_last_seen.labels(node).set(last_seen_s)
-        self.node_online.labels(node).set(1.0 if online else 0.0)
-        self.node_lessons_done.labels(node).set(info.lessons_done)
-        self.node_adapter_version.labels(node).set(info.adapter_version)
+        node = self._set_node(info, online, last_seen_s)
         for report in latest:
             if report.error is not None:
                 continue
@@ -420,11 +423,17 @@ class MasterMetrics(ServiceMetrics):
 
     def record_node(self, info: NodeInfo, online: bool) -> None:
         """Record a hello or heartbeat (``online``) or a goodbye."""
+        self._set_node(info, online, time.time())
+
+    def _set_node(self, info: NodeInfo, online: bool, last_seen_s: float) -> str:
+        """Set the gauges a hello, heartbeat or goodbye carries; returns the node's label."""
         node = self.node_label(info.node_id)
-        self.node_last_seen.labels(node).set(time.time())
+        self.node_last_seen.labels(node).set(last_seen_s)
         self.node_online.labels(node).set(1.0 if online else 0.0)
         self.node_lessons_done.labels(node).set(info.lessons_done)
         self.node_adapter_version.labels(node).set(info.adapter_version)
+        self.node_lora_version.labels(node).set(info.lora_version)
+        return node
 
 
 class _TimedGenerator:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from master.exam import ExamStore
 from master.store import Store
 from shared.checkpoint import load_checkpoint
 from shared.config import BrokerConfig
@@ -157,6 +158,17 @@ def test_master_and_two_pupils_learn_end_to_end(swarm: Swarm) -> None:
         assert trainer.version == len(train_ids)
         assert set(trainer.replay.export()[2]) == train_ids
 
+    # The curriculum ended with an exam: every node answered every eval lesson again, by every
+    # method, and learned nothing from it (its training report count is unchanged above).
+    exams = ExamStore(store)
+    exam = exams.latest()
+    assert exam is not None and set(exam.lesson_ids) == eval_ids
+    answered = {(r.lesson_id, r.node_id): r for r in exams.reports(exam.exam_id)}
+    assert set(answered) == {(lid, node) for lid in eval_ids for node in NODES}
+    for report in answered.values():
+        assert report.exam_id == exam.exam_id and not report.trained
+        assert report.similarity_before is not None and report.guided
+
     # A restarted master resumes from its store without publishing again, and a restarted
     # pupil reloads its adapter and says so in its hello.
     resumed = swarm.spawn(
@@ -188,4 +200,4 @@ def test_master_and_two_pupils_learn_end_to_end(swarm: Swarm) -> None:
     assert set(rows) == set(NODES)
     for cells in rows.values():
         assert cells[4] == "6"  # lessons done
-        assert cells[7] == "2"  # eval lessons behind the similarity means
+        assert cells[9] == "2"  # eval lessons behind the similarity means

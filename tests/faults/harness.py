@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,6 +55,9 @@ connect_attempts = 10
 
 [master]
 metrics_port = 0
+# No end-of-run exam: it sends the eval lessons again, which the wire tap would count as
+# duplicated lessons; the exam has its own end-to-end test (tests/e2e/test_swarm.py).
+exam = false
 expect_nodes_timeout_s = 120
 
 [master.generator]
@@ -122,10 +125,12 @@ class Swarm:
         *args: str,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        wrap: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """Run ``distill-swarm <args> --config <ours>``, logging to ``<workdir>/<name>.log``.
 
-        ``cwd``: the process's working directory (default: the repository root).
+        ``cwd``: the process's working directory (default: the repository root). ``wrap``: a
+        command line the process runs under (e.g. ``unshare`` with a private /etc/hosts).
         """
         assert name not in self.processes, f"process name {name} is taken: name restarts apart"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_SWARM__")}
@@ -133,7 +138,7 @@ class Swarm:
         environ.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         with (self.workdir / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "distill_swarm", *args, "--config", str(self.config)],
+                [*wrap, sys.executable, "-m", "distill_swarm", *args, "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environ,

@@ -7,12 +7,14 @@ checkpoints. About 4 minutes on 2 cores: `pytest -m faults tests/faults`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from distill_swarm.local_broker import LocalBroker
 from tests.faults.broker_faults import broker_restarted, slower_than_consumer_timeout
+from tests.faults.dns_faults import broker_name_unresolvable, can_isolate_hosts
 from tests.faults.garbage import CATEGORIES
 from tests.faults.input_faults import bad_input, corrupt_checkpoint
 from tests.faults.model_faults import JOBS_WHILE_DOWN, jobs_while_model_down, model_server_outage
@@ -179,4 +181,26 @@ def test_a_pupil_whose_model_is_down_takes_no_jobs_until_it_is_back(
     # Once the model is back, every one of them is answered, none with an error.
     later = [results[f"later-{n}"] for n in range(JOBS_WHILE_DOWN)]
     assert all(r.error is None and r.output for r in later), [r.error for r in later]
+    assert ev["pupil_exit"] == 0
+
+
+def test_a_broker_name_that_stops_resolving_is_waited_for_not_fatal(
+    fault_broker: LocalBroker, tmp_path: Path
+) -> None:
+    if not can_isolate_hosts():
+        reason = "needs root and mount namespaces (unshare -m) for a private /etc/hosts"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # CI runs as root: this fault must be tested there
+        pytest.skip(reason)
+    result = broker_name_unresolvable(fault_broker, tmp_path)
+    ev = result.evidence
+    # At start: the broker's exit code and one `error:` line, not a traceback.
+    assert ev["start_exit"] == ev["expected_start_exit"], ev["start_log"][-2000:]
+    assert len(ev["start_error_lines"]) == 1, ev["start_log"][-2000:]
+    assert "Traceback" not in ev["start_log"], ev["start_log"][-3000:]
+    # While running: it kept trying through the outage and caught up afterwards.
+    assert ev["survived_outage"] and ev["failed_attempts"] >= 2, ev["pupil_log"][-3000:]
+    assert "Traceback" not in ev["pupil_log"], ev["pupil_log"][-3000:]
+    assert (result.lost, result.duplicated, result.reports_received) == (0, 0, 4)
+    assert result.trained_twice == 0  # from the pupil's checkpoints
     assert ev["pupil_exit"] == 0

@@ -161,6 +161,8 @@ def test_pupil_records_held_out_similarity_per_method_from_an_eval_lesson() -> N
         "best_of_k": 0.65,
         "retrieval": 0.7,
         "retrieval+best_of_k": None,
+        "lora": None,  # no LoRA was served when this lesson was answered
+        "lora+retrieval": None,
     }
     # A method name nobody knows does not become a label value.
     assert value(r, "distill_swarm_heldout_similarity", method="made-up") is None
