@@ -120,10 +120,13 @@ def run_swarm(
     timeout_s: float,
     make_config: Callable[[str, str], str],
     with_jobs: bool = False,
+    with_exam: bool = False,
 ) -> int:
     """Run a master and ``nodes`` pupils over one prompt set until every report is in.
 
     With ``with_jobs``, then offload one job of each kind to the swarm (distill_swarm/demo_jobs.py).
+    With ``with_exam``, then hold the exam (`distill-swarm exam`: the eval lessons again, answered
+    by each pupil's final model) and wait for every answer.
 
     ``make_config(broker_url, namespace)`` returns the TOML every process reads; it is written to
     ``workdir/swarm.toml``. Uses the broker at ``AMQP_URL`` or, if none answers, a private one.
@@ -142,7 +145,9 @@ def run_swarm(
         config_path.write_text(make_config(url, namespace))
         node_ids = tuple(f"pupil-{i}" for i in range(1, nodes + 1))
         stack.callback(_delete_topology, BrokerConfig(url=url, namespace=namespace), node_ids)
-        return _run_processes(config_path, workdir, prompts, node_ids, timeout_s, with_jobs)
+        return _run_processes(
+            config_path, workdir, prompts, node_ids, timeout_s, with_jobs, with_exam
+        )
     return 1  # unreachable; keeps type checkers calm
 
 
@@ -165,6 +170,7 @@ def _run_processes(
     node_ids: tuple[str, ...],
     timeout_s: float,
     with_jobs: bool,
+    with_exam: bool = False,
 ) -> int:
     store_path = workdir / "master.sqlite3"
     store_path.unlink(missing_ok=True)
@@ -186,6 +192,13 @@ def _run_processes(
     jobs_table = None
     try:
         problem = _watch(master, pupils, store_path, expected, timeout_s)
+        if problem is None and with_exam:
+            print("lessons done; now the exam: the eval lessons again", flush=True)
+            exam = subprocess.call(
+                [sys.executable, "-m", "distill_swarm", "exam", "--config", str(config),
+                 "--store", str(store_path), "--timeout-s", str(int(timeout_s))]
+            )  # fmt: skip
+            problem = None if exam == 0 else f"the exam failed (exit {exam})"
         if problem is None and with_jobs:
             print("lessons done; now offloading one job of each kind to the swarm", flush=True)
             jobs_table = run_demo_jobs(load_settings(config, env={}), store_path)

@@ -220,6 +220,8 @@ class PupilNode:
             )
             return Outcome(work_id, done.report, replayed=True, reported=done.reported)
         self._check_free_space()
+        if lesson.exam_id is not None:
+            self.lora.wait_for_round(self.config.study.round_timeout_s)
         # Says which lesson is in hand: an operator (or a fault test) can tell a lesson that
         # was cut short from one that never started.
         log.info("lesson %s (%s): started", lesson.lesson_id[:8], _kind(lesson))

@@ -281,7 +281,8 @@ class StudyConfig(_Section):
     keep_versions: int = Field(default=3, ge=1, le=100)
     # A round that runs longer than this is stopped and counted as failed.
     round_timeout_s: float = Field(default=3_600.0, gt=0)
-    # Where the dequantised base weights are cached (None: <state_dir>/study-cache).
+    # Where the dequantised base weights are cached (None: $DISTILL_SWARM_STUDY_CACHE, else
+    # $XDG_CACHE_HOME/distill-swarm/study): shared by the nodes of one machine and one user.
     cache_dir: Path | None = None
 
 

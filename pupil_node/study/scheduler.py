@@ -81,6 +81,9 @@ class StudyScheduler:
         self._child: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self._new_train_lessons = 0
+        # Clear while a round runs: an exam waits for it (see wait_for_round).
+        self._not_studying = threading.Event()
+        self._not_studying.set()
         self._last_lesson_at = time.monotonic()
         self._schedule_path = store.root / SCHEDULE_FILE
         self.rounds = self._read_schedule()
@@ -112,6 +115,23 @@ class StudyScheduler:
             child.send_signal(signal.SIGTERM)
         if self._thread is not None:
             self._thread.join(timeout=STOP_GRACE_S + 5)
+
+    def wait_for_round(self, timeout_s: float) -> bool:
+        """Block until no round runs (at most ``timeout_s``); False if one still runs.
+
+        An exam is answered with the node's final model: a round that the curriculum's last
+        lessons started is let finish (and promoted, if better) first.
+        """
+        deadline = time.monotonic() + timeout_s
+        # A round the last lessons made due may not have started yet: give the thread a moment.
+        start_by = time.monotonic() + 2 * CHECK_INTERVAL_S
+        while self._not_studying.is_set() and self._due_by_count() and time.monotonic() < start_by:
+            time.sleep(0.1)
+        return self._not_studying.wait(max(0.0, deadline - time.monotonic()))
+
+    def _due_by_count(self) -> bool:
+        with self._lock:
+            return self._new_train_lessons >= self.config.every_lessons
 
     def due(self) -> bool:
         """True when a round should start now (see the module docstring)."""
@@ -150,6 +170,7 @@ class StudyScheduler:
                 self._new_train_lessons -= counted  # ask again after more lessons, not at once
             return None
         served = self.store.served()
+        self._not_studying.clear()
         self.rounds += 1
         candidate = self.store.candidate_dir(self.rounds)
         log.info(
@@ -163,9 +184,21 @@ class StudyScheduler:
         started = time.monotonic()
         try:
             error = self._run_child(candidate, lessons, served)
+            return self._conclude(candidate, served, counted, started, error)
         finally:
             if self.metrics is not None:
                 self.metrics.studying.set(0)
+            self._not_studying.set()
+
+    def _conclude(
+        self,
+        candidate: Path,
+        served: AdapterVersion | None,
+        counted: int,
+        started: float,
+        error: str | None,
+    ) -> RoundOutcome:
+        """Promote, reject or discard a finished round's candidate."""
         with self._lock:
             self._new_train_lessons -= counted
         self._write_schedule()

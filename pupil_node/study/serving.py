@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 STUDY_PACKAGES = ("transformers", "peft", "gguf")
 LORA_DIR = "lora"
-CACHE_DIR = "study-cache"
 
 
 class LoraCapable(Protocol):
@@ -117,7 +116,11 @@ class LoraServing:
                 raise ConfigError(f"config field 'pupil.study.enabled' is on, but {why_not}")
             log.info("study: off (%s)", why_not)
             return None
-        cache = study.cache_dir or state_dir / CACHE_DIR
+        # One cache per user, not per node: every node of a machine studies the same base
+        # weights, and a reset state directory should not cost the dequantisation again.
+        from pupil_node.study.base import default_cache_dir
+
+        cache = study.cache_dir or default_cache_dir()
         settings = study_settings(
             study, base_gguf, cache, config.generator.template, config.generator.system
         )
@@ -160,6 +163,11 @@ class LoraServing:
         """Tell the scheduler a lesson finished (``trained``: a train lesson, now studied)."""
         if self.scheduler is not None:
             self.scheduler.lesson_done(trained)
+
+    def wait_for_round(self, timeout_s: float) -> None:
+        """Let a study round in progress finish first (an exam is answered by the final model)."""
+        if self.scheduler is not None and not self.scheduler.wait_for_round(timeout_s):
+            log.warning("a study round is still running after %.0fs; answering anyway", timeout_s)
 
     def start(self) -> None:
         """Start studying in the background (no-op when the node does not study)."""

@@ -1,0 +1,114 @@
+"""Benchmark: do pupils that study their own LoRA *say* something closer to the master?
+
+The whole loop on the embedded models, as bench/alignment.py runs it (a master and N pupils as
+separate processes over RabbitMQ, the bundled 144-prompt benchmark, 108 train / 36 eval), with
+study rounds on: each pupil trains a LoRA on its train lessons in the background every
+``--every`` train lessons, promotes a version only if it is better on a validation slice of its
+*train* lessons, and serves it. When the curriculum ends the master holds the exam (the 36 eval
+lessons again, answered by each pupil's final model by every method); `distill-swarm eval` then
+prints the online table and the exam table. The bars of issue #12 are read on the exam.
+
+    .venv/bin/python bench/lora_swarm.py [--nodes 2] [--every 54] [--out DIR]
+
+Settings are fixed up front and written to DIR/run/swarm.toml; nothing is tuned on the eval
+split. The master decodes greedily (as in the demo), so its answers are one consistent target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distill_swarm.demo import run_swarm
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK = ROOT / "master" / "prompt_sets" / "benchmark.jsonl"
+PUPIL_TEMPERATURE = 0.8
+MAX_TOKENS = 64
+# 108 train lessons reach every pupil: rounds after 54 and 108 of them.
+DEFAULT_EVERY = 54
+
+
+def bench_config(url: str, namespace: str, every: int, max_steps: int) -> str:
+    """The TOML every process of the benchmark reads."""
+    return f"""
+[broker]
+url = "{url}"
+namespace = "{namespace}"
+
+[master]
+ceiling = true
+exam = true
+expect_nodes_timeout_s = 600
+
+[master.generator]
+kind = "embedded"
+template = "master.j2"
+temperature = 0.0
+max_tokens = {MAX_TOKENS}
+seed = 0
+threads = 1
+
+[pupil]
+heartbeat_interval_s = 10
+metrics_port = 0
+
+[pupil.generator]
+kind = "embedded"
+template = "pupil.j2"
+temperature = {PUPIL_TEMPERATURE}
+max_tokens = {MAX_TOKENS}
+seed = 0
+threads = 1
+
+[pupil.guidance]
+method = "lora+retrieval"
+eval_methods = ["retrieval", "lora", "lora+retrieval"]
+examples = 2
+
+[pupil.study]
+enabled = "on"
+every_lessons = {every}
+min_lessons = 20
+idle_s = 3600
+max_steps = {max_steps}
+batch_size = 4
+learning_rate = 2e-4
+rank = 16
+alpha = 32
+max_len = 256
+threads = 1
+"""
+
+
+def main() -> int:
+    """Run the benchmark; returns a process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--every", type=int, default=DEFAULT_EVERY)
+    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
+    parser.add_argument("--timeout-s", type=float, default=3 * 3600)
+    args = parser.parse_args()
+    workdir = args.out / "run"
+    started = time.monotonic()
+    code = run_swarm(
+        BENCHMARK, workdir, args.nodes, args.timeout_s,
+        lambda url, ns: bench_config(url, ns, args.every, args.max_steps),
+        with_exam=True,
+    )  # fmt: skip
+    print(f"swarm run: {time.monotonic() - started:.0f}s, exit {code}")
+    if code != 0:
+        return code
+    store = workdir / "master.sqlite3"
+    return subprocess.call(
+        [sys.executable, "-m", "distill_swarm", "eval", "--store", str(store), "--out",
+         str(args.out)]
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
