@@ -17,6 +17,7 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from distill_swarm.demo import run_swarm
@@ -83,20 +84,33 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "alignment")
     parser.add_argument("--timeout-s", type=float, default=7200)
     args = parser.parse_args()
-    workdir = args.out / "run"
-    started = time.monotonic()
-    code = run_swarm(
-        BENCHMARK, workdir, args.nodes, args.timeout_s,
+    return run_and_evaluate(
         lambda url, ns: bench_config(url, ns, args.master_temperature),
-    )  # fmt: skip
+        args.nodes,
+        args.out,
+        args.timeout_s,
+    )
+
+
+def run_and_evaluate(
+    make_config: Callable[[str, str], str],
+    nodes: int,
+    out: Path,
+    timeout_s: float,
+    with_exam: bool = False,
+) -> int:
+    """Run the swarm on the benchmark (workdir ``out/run``), then `distill-swarm eval` into
+    ``out``; returns a process exit code."""
+    workdir = out / "run"
+    started = time.monotonic()
+    code = run_swarm(BENCHMARK, workdir, nodes, timeout_s, make_config, with_exam=with_exam)
     print(f"swarm run: {time.monotonic() - started:.0f}s, exit {code}")
     if code != 0:
         return code
     store = workdir / "master.sqlite3"
     return subprocess.call(
-        [sys.executable, "-m", "distill_swarm", "eval", "--store", str(store), "--out",
-         str(args.out)]
-    )  # fmt: skip
+        [sys.executable, "-m", "distill_swarm", "eval", "--store", str(store), "--out", str(out)]
+    )
 
 
 if __name__ == "__main__":

@@ -17,15 +17,12 @@ split. The master decodes greedily (as in the demo), so its answers are one cons
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from distill_swarm.demo import run_swarm
+from alignment import run_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARK = ROOT / "master" / "prompt_sets" / "benchmark.jsonl"
 PUPIL_TEMPERATURE = 0.8
 MAX_TOKENS = 64
 # 108 train lessons reach every pupil: rounds after 54 and 108 of them.
@@ -93,21 +90,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
     parser.add_argument("--timeout-s", type=float, default=3 * 3600)
     args = parser.parse_args()
-    workdir = args.out / "run"
-    started = time.monotonic()
-    code = run_swarm(
-        BENCHMARK, workdir, args.nodes, args.timeout_s,
+    return run_and_evaluate(
         lambda url, ns: bench_config(url, ns, args.every, args.max_steps),
+        args.nodes,
+        args.out,
+        args.timeout_s,
         with_exam=True,
-    )  # fmt: skip
-    print(f"swarm run: {time.monotonic() - started:.0f}s, exit {code}")
-    if code != 0:
-        return code
-    store = workdir / "master.sqlite3"
-    return subprocess.call(
-        [sys.executable, "-m", "distill_swarm", "eval", "--store", str(store), "--out",
-         str(args.out)]
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from shared.checkpoint_format import (
     checksum,
     read_verified,
 )
+from shared.durable import fsync_directory
 from shared.errors import CheckpointError
 from shared.replay import ReplayBuffer
 
@@ -104,7 +105,7 @@ def save_checkpoint(trainer: AdapterTrainer, path: str | os.PathLike[str]) -> Pa
         raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
 
 
@@ -327,18 +328,3 @@ def _rebuild(
         raise ValueError("pending_lesson_ids is not a list of lesson ids")
     trainer.pending_lesson_ids = pending
     return trainer
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is only durable once the directory entry is on disk. Some platforms cannot
-    # open a directory for fsync; there the rename is as durable as the OS makes it.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
