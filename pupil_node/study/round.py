@@ -16,8 +16,10 @@ can promote only what is better. ``out_dir`` gets:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,10 @@ class StudySettings:
     validation_fraction: float = 0.15
     template: str = "pupil.j2"
     system: str | None = None
+    # Score the validation slice with llama.cpp too, base GGUF + adapter GGUF as served: the loss
+    # of what the runtime will say, and proof in this (disposable) process that the file loads.
+    llama_check: bool = True
+    llama_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,10 @@ class RoundResult:
     train_examples: int
     val_examples: int
     train_losses: tuple[float, ...]
+    # llama.cpp's validation loss with the previous adapter GGUF (or none) and with the new one;
+    # NaN when the check is off or llama-cpp-python is not installed.
+    llama_val_loss_before: float = math.nan
+    llama_val_loss_after: float = math.nan
 
     @property
     def improved(self) -> bool:
@@ -108,7 +118,12 @@ def run_study_round(
         out_dir: a new directory for this round's files.
         settings: defaults to ``StudySettings()``.
     """
-    from pupil_node.study.base import default_cache_dir, embedded_gguf_path, load_base
+    from pupil_node.study.base import (
+        default_cache_dir,
+        embedded_gguf_path,
+        file_sha256,
+        load_base,
+    )
     from pupil_node.study.export import export_lora_gguf
     from pupil_node.study.train import (
         attach_lora,
@@ -157,7 +172,25 @@ def run_study_round(
     out_dir = Path(out_dir)
     peft_dir = save_adapter(model, out_dir / PEFT_DIR)
     gguf_out = export_lora_gguf(peft_dir, gguf_path, out_dir / GGUF_FILE, settings.gguf_dtype)
-    from pupil_node.study.base import file_sha256
+    # The torch model is done with: free it before llama.cpp loads its own copy of the base.
+    base_sha256, load_seconds, from_cache = base.gguf_sha256, base.load_seconds, base.from_cache
+    del model, base
+    gc.collect()
+
+    llama_before = llama_after = math.nan
+    if settings.llama_check and _has_llama_cpp():
+        from pupil_node.study.export import llama_answer_nll
+
+        old_gguf = previous.parent / GGUF_FILE if previous is not None else None
+        threads = settings.llama_threads or settings.train.threads
+        llama_before = llama_answer_nll(
+            gguf_path,
+            val_examples,
+            old_gguf if old_gguf is not None and old_gguf.is_file() else None,
+            n_threads=threads,
+        )
+        llama_after = llama_answer_nll(gguf_path, val_examples, gguf_out, n_threads=threads)
+        _phase("llama.cpp check", started, before=llama_before, after=llama_after)
 
     result = RoundResult(
         version=previous_version(previous) + 1,
@@ -168,16 +201,18 @@ def run_study_round(
         gguf_bytes=gguf_out.stat().st_size,
         peft_dir=str(peft_dir),
         base_gguf=str(gguf_path),
-        base_sha256=base.gguf_sha256,
+        base_sha256=base_sha256,
         steps=stats.steps,
         seconds=time.monotonic() - started,
         train_seconds=stats.seconds,
-        load_seconds=base.load_seconds,
-        base_from_cache=base.from_cache,
+        load_seconds=load_seconds,
+        base_from_cache=from_cache,
         peak_rss=rss.peak_bytes(),
         train_examples=len(train_examples),
         val_examples=len(val_examples),
         train_losses=stats.train_losses,
+        llama_val_loss_before=llama_before,
+        llama_val_loss_after=llama_after,
     )
     (out_dir / ROUND_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
     _phase("exported", started, gguf_bytes=result.gguf_bytes)
@@ -191,3 +226,9 @@ def _phase(name: str, started: float, **figures: object) -> None:
         name, time.monotonic() - started, rss.current_bytes() / 2**30, rss.peak_bytes() / 2**30,
         details,
     )  # fmt: skip
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
