@@ -123,11 +123,20 @@ class StudyScheduler:
         lessons started is let finish (and promoted, if better) first.
         """
         deadline = time.monotonic() + timeout_s
-        # A round the last lessons made due may not have started yet: give the thread a moment.
-        start_by = time.monotonic() + 2 * CHECK_INTERVAL_S
-        while self._not_studying.is_set() and self._due_by_count() and time.monotonic() < start_by:
-            time.sleep(0.1)
-        return self._not_studying.wait(max(0.0, deadline - time.monotonic()))
+        while True:
+            # A round the last lessons made due may not have started yet: give the thread a
+            # moment to start it.
+            start_by = time.monotonic() + 2 * CHECK_INTERVAL_S
+            while (
+                self._not_studying.is_set() and self._due_by_count() and time.monotonic() < start_by
+            ):
+                time.sleep(0.1)
+            if self._not_studying.is_set():
+                return True  # nothing runs, and nothing is about to
+            if not self._not_studying.wait(max(0.0, deadline - time.monotonic())):
+                return False
+            # The round ended; lessons that came in while it ran may have made the next one due
+            # (bench/lora_swarm.py: round 2 is due the moment round 1 ends): wait for that too.
 
     def _due_by_count(self) -> bool:
         with self._lock:
