@@ -119,7 +119,7 @@ class PupilNode:
         # Writes the two adapters' checkpoints side by side (see _learn).
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint")
         # The node's own model with its served LoRA adapter, and the study rounds that train it.
-        self.lora = LoraServing(config, state_dir, generator, self._study_lessons, study_metrics)
+        self.lora = LoraServing(config, state_dir, generator, self.study_lessons, study_metrics)
         self.guide = Guide(
             config.guidance, gen, generator, embedder, self.params, self.memory,
             self._predict_master, self.lora.generator,
@@ -185,7 +185,7 @@ class PupilNode:
             lora_version=self.lora.version,
         )
 
-    def _study_lessons(self, limit: int) -> list[StudyLesson]:
+    def study_lessons(self, limit: int) -> list[StudyLesson]:
         """The newest ``limit`` train lessons this node remembers (the memory holds no eval)."""
         return [
             StudyLesson(lesson_id, goal, answer)

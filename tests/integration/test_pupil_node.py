@@ -147,6 +147,8 @@ def test_eval_prompts_never_enter_replay_memory_or_training(
         assert trainer.replay.export()[2] == train_ids
         assert trainer.version == 3
     assert node.memory.lesson_ids() == train_ids
+    # The LoRA study rounds read the same memory: they never see an eval lesson either.
+    assert [lesson.lesson_id for lesson in node.study_lessons(100)] == train_ids
     # ...and after a restart, from the files on disk.
     node.close()
     again = make_node(tmp_path, models)
