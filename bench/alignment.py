@@ -32,8 +32,20 @@ PUPIL_TEMPERATURE = 0.8
 MAX_TOKENS = 64
 
 
-def bench_config(url: str, namespace: str, master_temperature: float) -> str:
-    """The TOML every process of the benchmark reads."""
+GUIDANCE = """
+[pupil.guidance]
+method = "retrieval"
+eval_methods = ["best_of_k", "retrieval", "retrieval+best_of_k"]
+k = 4
+examples = 2
+"""
+
+
+def bench_config(
+    url: str, namespace: str, master_temperature: float, guidance: str = GUIDANCE, extra: str = ""
+) -> str:
+    """The TOML every process of the benchmark reads (``guidance``: its [pupil.guidance]
+    section; ``extra``: more sections, e.g. bench/lora_swarm.py's [pupil.study])."""
     return f"""
 [broker]
 url = "{url}"
@@ -67,13 +79,7 @@ threads = 1
 hidden_dim = 256
 steps_per_lesson = 8
 batch_size = 16
-
-[pupil.guidance]
-method = "retrieval"
-eval_methods = ["best_of_k", "retrieval", "retrieval+best_of_k"]
-k = 4
-examples = 2
-"""
+{guidance}{extra}"""
 
 
 def main() -> int:

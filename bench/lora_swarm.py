@@ -20,52 +20,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from alignment import run_and_evaluate
+from alignment import bench_config, run_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-PUPIL_TEMPERATURE = 0.8
-MAX_TOKENS = 64
 # 108 train lessons reach every pupil: rounds after 54 and 108 of them.
 DEFAULT_EVERY = 54
 
 
-def bench_config(url: str, namespace: str, every: int, max_steps: int) -> str:
-    """The TOML every process of the benchmark reads."""
-    return f"""
-[broker]
-url = "{url}"
-namespace = "{namespace}"
-
-[master]
-ceiling = true
-exam = true
-expect_nodes_timeout_s = 600
-
-[master.generator]
-kind = "embedded"
-template = "master.j2"
-temperature = 0.0
-max_tokens = {MAX_TOKENS}
-seed = 0
-threads = 1
-
-[pupil]
-heartbeat_interval_s = 10
-metrics_port = 0
-
-[pupil.generator]
-kind = "embedded"
-template = "pupil.j2"
-temperature = {PUPIL_TEMPERATURE}
-max_tokens = {MAX_TOKENS}
-seed = 0
-threads = 1
-
+GUIDANCE = """
 [pupil.guidance]
 method = "lora+retrieval"
 eval_methods = ["retrieval", "lora", "lora+retrieval"]
 examples = 2
+"""
 
+
+def study_config(every: int, max_steps: int) -> str:
+    """The [pupil.study] section of the benchmark."""
+    return f"""
 [pupil.study]
 enabled = "on"
 every_lessons = {every}
@@ -91,7 +63,10 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=3 * 3600)
     args = parser.parse_args()
     return run_and_evaluate(
-        lambda url, ns: bench_config(url, ns, args.every, args.max_steps),
+        # A greedy master (as in the demo): one consistent target, ceiling 1.
+        lambda url, ns: bench_config(
+            url, ns, 0.0, GUIDANCE, study_config(args.every, args.max_steps)
+        ),
         args.nodes,
         args.out,
         args.timeout_s,
