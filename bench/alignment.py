@@ -42,7 +42,12 @@ examples = 2
 
 
 def bench_config(
-    url: str, namespace: str, master_temperature: float, guidance: str = GUIDANCE, extra: str = ""
+    url: str,
+    namespace: str,
+    master_temperature: float,
+    guidance: str = GUIDANCE,
+    extra: str = "",
+    pupil_seed: int = 0,
 ) -> str:
     """The TOML every process of the benchmark reads (``guidance``: its [pupil.guidance]
     section; ``extra``: more sections, e.g. bench/lora_swarm.py's [pupil.study])."""
@@ -72,7 +77,7 @@ kind = "embedded"
 template = "pupil.j2"
 temperature = {PUPIL_TEMPERATURE}
 max_tokens = {MAX_TOKENS}
-seed = 0
+seed = {pupil_seed}
 threads = 1
 
 [pupil.adapter]

@@ -59,13 +59,15 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY)
     parser.add_argument("--max-steps", type=int, default=40)
+    # Another seed is another replicate: other pupil samples, other training batches' order.
+    parser.add_argument("--seed", type=int, default=0, help="the pupils' sampling seed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
     parser.add_argument("--timeout-s", type=float, default=3 * 3600)
     args = parser.parse_args()
     return run_and_evaluate(
         # A greedy master (as in the demo): one consistent target, ceiling 1.
         lambda url, ns: bench_config(
-            url, ns, 0.0, GUIDANCE, study_config(args.every, args.max_steps)
+            url, ns, 0.0, GUIDANCE, study_config(args.every, args.max_steps), args.seed
         ),
         args.nodes,
         args.out,
