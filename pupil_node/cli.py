@@ -20,22 +20,23 @@ app = typer.Typer(
 log = logging.getLogger(__name__)
 
 
+NodeIdOpt = Annotated[str | None, typer.Option(help="This node's id (letters, digits, . _ -).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Where the adapter checkpoints, journal and memory live (default: "
+        "$XDG_STATE_HOME/distill-swarm/pupil/NODE_ID, or ~/.local/state/...). One node "
+        "and one process per directory."
+    ),
+]
+
+
 @app.command("run")
 def run(
-    node_id: Annotated[
-        str | None, typer.Option(help="This node's id (letters, digits, . _ -).")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where the adapter checkpoints, journal and memory live (default: "
-            "$XDG_STATE_HOME/distill-swarm/pupil/NODE_ID, or ~/.local/state/...). One node "
-            "and one process per directory."
-        ),
-    ] = None,
+    node_id: NodeIdOpt = None,
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
 ) -> None:
     """Consume lessons, answer, train the adapter, report back."""
@@ -82,3 +83,34 @@ def run(
             node.trainer.version,
         )
         service.run()
+
+
+@app.command("rollback")
+def rollback(
+    node_id: NodeIdOpt = None, config: ConfigOpt = None, state_dir: StateDirOpt = None
+) -> None:
+    """Serve the previous LoRA version (or the base model) from the node's next start.
+
+    Stop the node first: its state directory is locked while it runs.
+    """
+    setup_logging("WARNING")
+    settings = settings_from(config, {"pupil.node_id": node_id, "pupil.state_dir": state_dir})
+    cfg = settings.pupil
+    if cfg.node_id is None:
+        fail("no node id: give --node-id NAME or set pupil.node_id")
+    from pupil_node.state import NodeState, resolve_state_dir
+    from pupil_node.study.serving import LORA_DIR
+    from pupil_node.study.versions import AdapterStore
+
+    with exit_on_errors():
+        state = NodeState.open(resolve_state_dir(cfg.state_dir, cfg.node_id), cfg.node_id)
+    try:
+        store = AdapterStore(state.path / LORA_DIR, cfg.study.keep_versions)
+        served = store.served()
+        if served is None:
+            fail("this node serves its base model already: nothing to roll back")
+        older = store.rollback()
+    finally:
+        state.close()
+    now = "the base model" if older is None else f"LoRA v{older.version}"
+    typer.echo(f"{cfg.node_id}: rolled back from LoRA v{served.version}; {now} from the next start")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from pupil_node.state import NodeState
 from pupil_node.study.base import file_sha256
 from pupil_node.study.versions import GGUF_FILE, ROUND_FILE, AdapterStore
 
@@ -84,3 +87,39 @@ def test_a_round_that_does_not_verify_is_not_served(tmp_path: Path) -> None:
         store.promote(bad, 2)
     served = store.served()
     assert served is not None and served.version == 1
+
+
+def run_rollback(state_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "distill_swarm", "pupil", "rollback", "--node-id", "pi-r",
+         "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_the_rollback_command_steps_back_one_version_at_a_time(tmp_path: Path) -> None:
+    NodeState.open(tmp_path, "pi-r").close()
+    store = AdapterStore(tmp_path / "lora")
+    store.promote(finished_round(store, 1, 1, b"one"), 1)
+    store.promote(finished_round(store, 2, 2, b"two"), 2)
+
+    first = run_rollback(tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "rolled back from LoRA v2; LoRA v1 from the next start" in first.stdout
+    second = run_rollback(tmp_path)
+    assert "rolled back from LoRA v1; the base model from the next start" in second.stdout
+    nothing = run_rollback(tmp_path)
+    assert nothing.returncode == 2
+    assert nothing.stderr.strip() == (
+        "error: this node serves its base model already: nothing to roll back"
+    )
+
+
+def test_the_rollback_command_refuses_a_running_node(tmp_path: Path) -> None:
+    running = NodeState.open(tmp_path, "pi-r")  # as a running pupil holds it
+    try:
+        refused = run_rollback(tmp_path)
+    finally:
+        running.close()
+    assert refused.returncode != 0
+    assert refused.stderr.startswith("error: ") and "in use" in refused.stderr
