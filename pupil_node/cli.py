@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from shared.backends import embedder_from, generator_from
 from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
+from shared.config import Settings
 from shared.metrics import PupilMetrics, serve
 from shared.study_metrics import StudyMetrics
+
+if TYPE_CHECKING:
+    from pupil_node.state import NodeState
 
 app = typer.Typer(
     help="A pupil node: learn from the master.", no_args_is_help=True, rich_markup_mode=None
@@ -41,20 +45,16 @@ def run(
 ) -> None:
     """Consume lessons, answer, train the adapter, report back."""
     setup_logging(log_level)
-    settings = settings_from(config, {"pupil.node_id": node_id, "pupil.state_dir": state_dir})
+    # Before anything slow: a second process on this state dir, or a dir of another node,
+    # is refused in a moment, before it loads models or binds the metrics port.
+    settings, state = _open_state(config, node_id, state_dir)
     cfg = settings.pupil
     # Imported here, not at the top: they pull in torch (seconds to import), which every other
     # `distill-swarm` command (status, eval, node add) would otherwise pay for.
     from pupil_node.node import PupilNode
     from pupil_node.service import PupilService
-    from pupil_node.state import OLD_DEFAULT, NodeState, resolve_state_dir
+    from pupil_node.state import OLD_DEFAULT
 
-    if cfg.node_id is None:
-        fail("no node id: give --node-id NAME or set pupil.node_id")
-    # Before anything slow: a second process on this state dir, or a dir of another node,
-    # is refused in a moment, before it loads models or binds the metrics port.
-    with exit_on_errors():
-        state = NodeState.open(resolve_state_dir(cfg.state_dir, cfg.node_id), cfg.node_id)
     log.info("pupil %s: state dir %s", cfg.node_id, state.path)
     if cfg.state_dir is None and OLD_DEFAULT.is_dir():
         log.warning(
@@ -73,7 +73,7 @@ def run(
         generator = generator_from(cfg.generator)
         embedder = embedder_from(cfg.embedder)
         node = PupilNode(
-            cfg.node_id, cfg, generator, embedder, state, StudyMetrics(metrics.registry)
+            state.node_id, cfg, generator, embedder, state, StudyMetrics(metrics.registry)
         )
         service = PupilService(settings, node, stop, metrics)
         log.info(
@@ -94,16 +94,11 @@ def rollback(
     Stop the node first: its state directory is locked while it runs.
     """
     setup_logging("WARNING")
-    settings = settings_from(config, {"pupil.node_id": node_id, "pupil.state_dir": state_dir})
+    settings, state = _open_state(config, node_id, state_dir)
     cfg = settings.pupil
-    if cfg.node_id is None:
-        fail("no node id: give --node-id NAME or set pupil.node_id")
-    from pupil_node.state import NodeState, resolve_state_dir
     from pupil_node.study.serving import LORA_DIR
     from pupil_node.study.versions import AdapterStore
 
-    with exit_on_errors():
-        state = NodeState.open(resolve_state_dir(cfg.state_dir, cfg.node_id), cfg.node_id)
     try:
         store = AdapterStore(state.path / LORA_DIR, cfg.study.keep_versions)
         served = store.served()
@@ -114,3 +109,22 @@ def rollback(
         state.close()
     now = "the base model" if older is None else f"LoRA v{older.version}"
     typer.echo(f"{cfg.node_id}: rolled back from LoRA v{served.version}; {now} from the next start")
+
+
+def _open_state(
+    config: Path | None, node_id: str | None, state_dir: Path | None
+) -> tuple[Settings, NodeState]:
+    """The settings, and the node's state directory opened (locked, owned by the node id).
+
+    Exits with one ``error:`` line for a missing node id, bad settings, or a directory that is
+    in use or belongs to another node.
+    """
+    from pupil_node.state import NodeState, resolve_state_dir
+
+    settings = settings_from(config, {"pupil.node_id": node_id, "pupil.state_dir": state_dir})
+    cfg = settings.pupil
+    if cfg.node_id is None:
+        fail("no node id: give --node-id NAME or set pupil.node_id")
+    with exit_on_errors():
+        state = NodeState.open(resolve_state_dir(cfg.state_dir, cfg.node_id), cfg.node_id)
+    return settings, state
