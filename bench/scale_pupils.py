@@ -174,7 +174,6 @@ class SimPupil:
     def _handle(self, delivery: Delivery) -> None:
         received = time.time()
         lesson = decode(delivery.body, Lesson)
-        assert isinstance(lesson, Lesson)
         self.ledger.deliveries += 1
         self.ledger.redelivered += int(delivery.redelivered)
         if lesson.lesson_id in self.ledger.confirmed:
@@ -408,7 +407,6 @@ class LoopPupil:
         self.ledger.deliveries += 1
         self.ledger.redelivered += int(method.redelivered)
         lesson = decode(body, Lesson)
-        assert isinstance(lesson, Lesson)
         if lesson.lesson_id in self.ledger.confirmed:
             channel.basic_ack(method.delivery_tag)
             return
@@ -478,7 +476,6 @@ def run_loop(args: argparse.Namespace, settings: Settings, stop: threading.Event
 
 def _lesson_id(body: bytes) -> str:
     lesson = decode(body, Lesson)
-    assert isinstance(lesson, Lesson)
     return lesson.lesson_id
 
 

@@ -253,7 +253,6 @@ class JobClient:
         except DecodeError as exc:
             log.warning("unreadable job result ignored: %s", exc)
             return
-        assert isinstance(result, JobResult)
         with self._lock:
             future = self._waiting.pop(props.correlation_id or result.job_id, None)
         if future is not None and not future.done():

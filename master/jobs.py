@@ -138,7 +138,6 @@ class JobDispatcher:
         props = delivery.properties
         try:
             job = decode(delivery.body, Job)
-            assert isinstance(job, Job)
             render_goal(job.job_kind, job.text, job.params)  # InvalidJob names what is wrong
         except DecodeError as exc:
             # The submitter waits on its reply queue: tell it why, then dead-letter the job.
@@ -183,7 +182,6 @@ class JobDispatcher:
 
     def _on_result(self, delivery: Delivery) -> None:
         result = decode(delivery.body, JobResult)
-        assert isinstance(result, JobResult)
         self.identity.check(result.answered_by, delivery.properties.user_id)
         if result.answered_by == MASTER:
             raise DecodeError("a job result on the pupils' result queue claims to be the master's")

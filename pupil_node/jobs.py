@@ -58,7 +58,6 @@ class JobWorker:
         """Do one job; raises DecodeError for a job to dead-letter (after telling the master)."""
         try:
             job = decode(delivery.body, Job)
-            assert isinstance(job, Job)
             if job.job_kind not in self.node.config.jobs:
                 raise InvalidJob(f"node {self.node.node_id} does not do {job.job_kind} jobs")
             goal = render_goal(job.job_kind, job.text, job.params)

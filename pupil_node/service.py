@@ -179,7 +179,6 @@ class PupilService:
     def _report_refusal(self, delivery: Delivery, reason: str) -> None:
         # Tell the master why this node will never do the lesson, so nobody waits for it.
         lesson = decode(delivery.body, Lesson)  # it decoded once already, only its space is wrong
-        assert isinstance(lesson, Lesson)
         report = Report(
             lesson_id=lesson.lesson_id,
             node_id=self.node.node_id,

@@ -121,7 +121,6 @@ def test_poison_message_is_dead_lettered_with_reason_and_consuming_goes_on(
 
     def handler(delivery: Delivery) -> None:
         message = decode(delivery.body, Lesson)
-        assert isinstance(message, Lesson)
         handled.append(message.lesson_id)
 
     publisher = Publisher(broker_config, lambda ch: topology.declare_all(ch, ("a",)))

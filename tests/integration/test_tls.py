@@ -92,7 +92,6 @@ def test_a_lesson_round_trips_over_amqps(tls_broker: TlsBroker) -> None:
 
     def handler(delivery: Delivery) -> None:
         message = decode(delivery.body, Lesson)
-        assert isinstance(message, Lesson)
         received.append(message)
 
     def declare(channel: BlockingChannel) -> None:
@@ -207,7 +206,7 @@ def test_a_pupil_service_with_its_own_user_learns_over_amqps(
     publisher = Publisher(master)
     try:
         hello = decode(wait_for_message(master, topology.control_queue), Hello)
-        assert isinstance(hello, Hello) and hello.node.node_id == "pi-7"
+        assert hello.node.node_id == "pi-7"
         answer = "Paris is the capital of France."
         sent = Lesson(
             lesson_id="l-pi", task="qa", prompt="Capital of France?", goal_text="Capital?",
@@ -216,7 +215,6 @@ def test_a_pupil_service_with_its_own_user_learns_over_amqps(
         )  # fmt: skip
         publisher.publish(topology.lessons_exchange, "", encode(sent), sent.lesson_id)
         report = decode(wait_for_message(master, topology.reports_queue, 120.0), Report)
-        assert isinstance(report, Report)
         assert (report.lesson_id, report.node_id, report.error) == ("l-pi", "pi-7", None)
     finally:
         stop.set()
