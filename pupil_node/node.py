@@ -206,7 +206,6 @@ class PupilNode:
     def process(self, delivery: Delivery) -> Outcome:
         """Do one lesson; raises DecodeError (incl. EmbeddingMismatch) for a lesson to refuse."""
         lesson = decode(delivery.body, Lesson)
-        assert isinstance(lesson, Lesson)
         self.check(lesson)
 
         # An exam repeats an eval lesson's id: the journal knows it by lesson and exam.
@@ -303,6 +302,8 @@ class PupilNode:
     ) -> list[float]:
         """Train both adapters on a train lesson, checkpoint them, remember the lesson.
 
+        Returns the answer adapter's losses (empty if it held the lesson already).
+
         Each adapter is skipped if its checkpoint already holds this lesson (one of its pending
         lessons): after a crash, or a full disk, between checkpoint and journal, the lesson is not
         learned twice when it comes back, even after other lessons. The two checkpoints are
@@ -312,25 +313,26 @@ class PupilNode:
         disk: the consumer holds the lesson and retries it once the disk has room.
         """
         assert lesson.split == "train", "eval lessons are never learned"
-        pairs = (
-            (self.trainer, self.checkpoint_path, pupil_vec),
-            (self.prompt_trainer, self.prompt_checkpoint_path, goal_vec),
-        )
-        losses: list[list[float]] = []
+        adapters = {
+            "answer": (self.trainer, self.checkpoint_path, pupil_vec),
+            "prompt": (self.prompt_trainer, self.prompt_checkpoint_path, goal_vec),
+        }
+        losses: dict[str, list[float]] = {}
         with self.state_lock:
             to_save = []
-            for trainer, path, x in pairs:
+            for name, (trainer, path, x) in adapters.items():
                 self._forget_journalled(trainer)
                 if trainer.holds(lesson.lesson_id):
                     log.info("lesson %s is in %s already", lesson.lesson_id[:8], path.name)
-                    losses.append([])
+                    losses[name] = []
                     continue
-                losses.append(self._train(trainer, lesson, x, master_vec))
+                losses[name] = self._train(trainer, lesson, x, master_vec)
                 to_save.append((trainer, path))
             self._save(lesson, to_save)
         with state_write(f"remember lesson {lesson.lesson_id}"):
             self.memory.add(lesson.lesson_id, lesson.goal_text, lesson.master_answer, goal_vec)
-        return losses[0]
+        # The report's losses are the answer adapter's: it is the one similarity_adapted reads.
+        return losses["answer"]
 
     def _forget_journalled(self, trainer: AdapterTrainer) -> None:
         # A pending lesson the journal holds is done: the next checkpoint need not carry it.
