@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from distill_swarm.processes import stop_processes
 from shared.errors import BrokerError
 
 # Debian puts the real scripts here; /usr/sbin/rabbitmq-server would `su` to the rabbitmq user,
@@ -174,11 +175,7 @@ class LocalBroker:
         """Stop the node and delete its files."""
         if self._process is not None and self._process.poll() is None:
             self.ctl("stop", timeout_s=60)
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop_processes([self._process], sig=None)
         self._process = None
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -14,10 +14,8 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from shared.broker import connect
 from shared.config import DEFAULT_AMQP_URL, BrokerConfig
-from shared.errors import BrokerError
-from shared.topology import Topology
+from shared.namespace import delete_namespace
 
 # Tests name their pupils from this list, so teardown can delete those queues too.
 TEST_NODE_IDS = ("a", "b", "pupil-1", "pupil-2")
@@ -77,13 +75,4 @@ def broker_config(amqp_url: str, namespace: str) -> Iterator[BrokerConfig]:
     """Broker settings for one test; its exchanges and queues are deleted afterwards."""
     config = BrokerConfig(url=amqp_url, namespace=namespace, connect_attempts=3, max_backoff_s=1.0)
     yield config
-    try:
-        connection = connect(config)
-    except BrokerError:
-        return
-    try:
-        channel = connection.channel()
-        topology = Topology(namespace)
-        topology.delete_all(channel, TEST_NODE_IDS)
-    finally:
-        connection.close()
+    delete_namespace(config, TEST_NODE_IDS)

@@ -25,15 +25,16 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
 from distill_swarm.client import JobClient
+from distill_swarm.processes import stop_processes
 from master.job_store import JobStore
 from master.store import Store
 from shared.broker import connect
 from shared.config import BrokerConfig, Settings
-from shared.errors import BrokerError
 from shared.jobs import OFFLOADABLE
 from shared.messages import JobResult, decode
+from shared.namespace import delete_namespace
 from shared.topology import REASON_HEADER, Topology
-from tests.support.live_swarm import free_port, http_get, sample, stop_processes, wait_for
+from tests.support.live_swarm import free_port, http_get, sample, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.models, pytest.mark.broker]
 
@@ -106,7 +107,7 @@ threads = 1
         return JobStore(Store(self.store))
 
     def close(self) -> None:
-        stop_processes(self.processes.values())
+        stop_processes(self.processes.values(), timeout_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +130,7 @@ def swarm(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[J
         yield s
     finally:
         s.close()
-        _delete_topology(broker)
-
-
-def _delete_topology(broker: BrokerConfig) -> None:
-    try:
-        connection = connect(broker)
-    except BrokerError:
-        return
-    try:
-        Topology(broker.namespace).delete_all(connection.channel(), NODES)
-    finally:
-        connection.close()
+        delete_namespace(broker, NODES)
 
 
 def _results(futures: list[Future[JobResult]], swarm: JobSwarm) -> list[JobResult]:

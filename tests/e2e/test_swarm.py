@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from distill_swarm.processes import stop_processes
 from master.exam import ExamStore
 from master.store import Store
 from shared.checkpoint import load_checkpoint
@@ -102,10 +103,7 @@ class Swarm:
         return proc.wait(timeout=60)
 
     def close(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.processes, sig=signal.SIGKILL)
 
 
 @pytest.fixture

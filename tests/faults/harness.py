@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from distill_swarm.local_broker import LocalBroker
+from distill_swarm.processes import stop_processes
 from shared.broker import Publisher, connect
 from shared.config import BrokerConfig
 from shared.errors import BrokerError
+from shared.namespace import delete_namespace
 from shared.topology import Topology
 from tests.faults.wiretap import WireTap
 
@@ -218,21 +220,12 @@ class Swarm:
         """Kill what still runs and delete the scenario's namespace."""
         for publisher in self._publishers:
             publisher.close()
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        try:
-            connection = connect(self.broker_config.model_copy(update={"connect_attempts": 3}))
-        except BrokerError:
-            return
-        try:
-            channel = connection.channel()
-            for queue in WireTap.queues(self.topology.namespace):
-                channel.queue_delete(queue)
-            self.topology.delete_all(channel, tuple(sorted(self.node_ids)))
-        finally:
-            connection.close()
+        stop_processes(self.processes.values(), sig=signal.SIGKILL)
+        delete_namespace(
+            self.broker_config.model_copy(update={"connect_attempts": 3}),
+            sorted(self.node_ids),
+            WireTap.queues(self.topology.namespace),
+        )
 
     def __enter__(self) -> Swarm:
         return self

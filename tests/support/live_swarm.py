@@ -17,14 +17,13 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from distill_swarm.processes import stop_processes
 from shared.broker import connect
 from shared.config import BrokerConfig
-from shared.errors import BrokerError
+from shared.namespace import delete_namespace
 from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,20 +198,7 @@ class LiveSwarm:
         return http_get(self.pupil_url)
 
     def stop(self) -> None:
-        stop_processes(self.processes.values())
-
-
-def stop_processes(processes: Iterable[subprocess.Popen[bytes]], timeout_s: float = 60) -> None:
-    """SIGTERM every process still running, wait for each; kill one that outlasts the timeout."""
-    running = [proc for proc in processes if proc.poll() is None]
-    for proc in running:
-        proc.send_signal(signal.SIGTERM)
-    for proc in running:
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(self.processes.values(), timeout_s=60)
 
 
 def _config(broker: BrokerConfig, master_port: int, pupil_port: int) -> str:
@@ -246,23 +233,11 @@ examples = 1
 """
 
 
-def _delete_topology(broker: BrokerConfig, topology: Topology) -> None:
-    try:
-        connection = connect(broker)
-    except BrokerError:
-        return
-    try:
-        topology.delete_all(connection.channel(), (NODE_ID,))
-    finally:
-        connection.close()
-
-
 @pytest.fixture(scope="session")
 def live_swarm(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSwarm]:
     """A master and a pupil as real processes that have done three lessons."""
     workdir = tmp_path_factory.mktemp("live-swarm")
     broker = BrokerConfig(url=amqp_url, namespace=f"t{secrets.token_hex(4)}")
-    topology = Topology(broker.namespace)
     master_port, pupil_port = free_port(), free_port()
     swarm = LiveSwarm(
         workdir,
@@ -324,7 +299,7 @@ def live_swarm(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield swarm
     finally:
         swarm.stop()
-        _delete_topology(broker, topology)
+        delete_namespace(broker, (NODE_ID,))
 
 
 @dataclass
@@ -412,9 +387,4 @@ def live_prometheus(
         wait_for(ready, 60, "prometheus to be ready", poll_s=0.2)
         yield prometheus
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process])
