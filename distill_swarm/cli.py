@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from distill_swarm.demo import BUNDLED_PROMPTS, run_demo
+from distill_swarm.demo import run_demo
 from shared.cli_support import exit_on_errors, setup_logging
 
 app = typer.Typer(
@@ -45,7 +45,9 @@ def _register() -> None:
 @app.command("demo")
 def demo(
     nodes: Annotated[int, typer.Option(min=1, max=8, help="How many pupil processes.")] = 2,
-    prompts: Annotated[Path, typer.Option(help="Prompt set to teach from.")] = BUNDLED_PROMPTS,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompt set to teach from (default: the bundled one).")
+    ] = None,
     workdir: Annotated[
         Path | None,
         typer.Option(help="Where logs, store and checkpoints go (default: a temp dir)."),

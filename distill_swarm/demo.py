@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -25,15 +24,14 @@ from tqdm import tqdm
 
 from distill_swarm.demo_jobs import run_demo_jobs
 from distill_swarm.local_broker import LocalBroker, port_open
-from master.prompts import load_prompts
+from distill_swarm.processes import stop_processes
+from master.prompts import bundled_prompt_set, load_prompts
 from master.status import format_table
 from master.store import Store
-from shared.broker import connect
 from shared.config import BrokerConfig, load_settings
-from shared.errors import BrokerError
-from shared.topology import Topology
+from shared.namespace import delete_namespace
 
-BUNDLED_PROMPTS = Path(__file__).resolve().parent.parent / "master" / "prompt_sets" / "demo.jsonl"
+BUNDLED_PROMPTS = "demo.jsonl"  # in master/prompt_sets
 POLL_S = 0.5
 GOODBYE_WAIT_S = 10.0
 
@@ -101,16 +99,24 @@ def broker_reachable(url: str) -> bool:
     return port_open(params.host, params.port)
 
 
-def run_demo(nodes: int, prompts: Path, workdir: Path, max_tokens: int, timeout_s: float) -> int:
-    """Run the whole demo, lessons then jobs; returns a process exit code."""
-    return run_swarm(
-        prompts,
-        workdir,
-        nodes,
-        timeout_s,
-        lambda url, ns: demo_config(url, ns, max_tokens),
-        with_jobs=True,
-    )
+def run_demo(
+    nodes: int, prompts: Path | None, workdir: Path, max_tokens: int, timeout_s: float
+) -> int:
+    """Run the whole demo, lessons then jobs; returns a process exit code.
+
+    ``prompts`` None: the bundled 16-prompt set.
+    """
+    with (
+        bundled_prompt_set(BUNDLED_PROMPTS) if prompts is None else contextlib.nullcontext(prompts)
+    ) as path:
+        return run_swarm(
+            path,
+            workdir,
+            nodes,
+            timeout_s,
+            lambda url, ns: demo_config(url, ns, max_tokens),
+            with_jobs=True,
+        )
 
 
 def run_swarm(
@@ -144,7 +150,8 @@ def run_swarm(
         config_path = workdir / "swarm.toml"
         config_path.write_text(make_config(url, namespace))
         node_ids = tuple(f"pupil-{i}" for i in range(1, nodes + 1))
-        stack.callback(_delete_topology, BrokerConfig(url=url, namespace=namespace), node_ids)
+        broker = BrokerConfig(url=url, namespace=namespace, connect_attempts=1)
+        stack.callback(delete_namespace, broker, node_ids)
         return _run_processes(
             config_path, workdir, prompts, node_ids, timeout_s, with_jobs, with_exam
         )
@@ -174,6 +181,24 @@ def _run_processes(
 ) -> int:
     store_path = workdir / "master.sqlite3"
     store_path.unlink(missing_ok=True)
+    # One reader for the whole run, opened before the master starts: it creates the schema the
+    # master's own Store would, and every poll below reuses its connection.
+    with contextlib.closing(Store(store_path)) as store:
+        return _run_with_store(
+            config, workdir, prompts, store, node_ids, timeout_s, with_jobs, with_exam
+        )
+
+
+def _run_with_store(
+    config: Path,
+    workdir: Path,
+    prompts: Path,
+    store: Store,
+    node_ids: tuple[str, ...],
+    timeout_s: float,
+    with_jobs: bool,
+    with_exam: bool,
+) -> int:
     pupils = {
         node: _spawn(
             ["pupil", "run", "--config", str(config), "--node-id", node,
@@ -184,31 +209,30 @@ def _run_processes(
     }  # fmt: skip
     master = _spawn(
         ["master", "run", "--config", str(config), "--prompts", str(prompts),
-         "--store", str(store_path), "--expect-nodes", str(len(node_ids))],
+         "--store", str(store.path), "--expect-nodes", str(len(node_ids))],
         workdir / "master.log",
     )  # fmt: skip
     print(f"master and {len(node_ids)} pupils started; logs in {workdir}", flush=True)
     expected = len(load_prompts(prompts)) * len(node_ids)
     jobs_table = None
     try:
-        problem = _watch(master, pupils, store_path, expected, timeout_s)
+        problem = _watch(master, pupils, store, expected, timeout_s)
         if problem is None and with_exam:
             print("lessons done; now the exam: the eval lessons again", flush=True)
             exam = subprocess.call(
                 [sys.executable, "-m", "distill_swarm", "exam", "--config", str(config),
-                 "--store", str(store_path), "--timeout-s", str(int(timeout_s))]
+                 "--store", str(store.path), "--timeout-s", str(int(timeout_s))]
             )  # fmt: skip
             problem = None if exam == 0 else f"the exam failed (exit {exam})"
         if problem is None and with_jobs:
             print("lessons done; now offloading one job of each kind to the swarm", flush=True)
-            jobs_table = run_demo_jobs(load_settings(config, env={}), store_path)
+            jobs_table = run_demo_jobs(load_settings(config, env={}), store.path)
         # Pupils first, so the master is still there to record their goodbyes.
-        _stop(list(pupils.values()))
-        _wait_for_goodbyes(master, store_path)
+        stop_processes(pupils.values())
+        _wait_for_goodbyes(master, store)
     finally:
-        _stop([master, *pupils.values()])
-    if store_path.is_file():
-        print(format_table(Store(store_path).node_status()))
+        stop_processes([master, *pupils.values()])
+    print(format_table(store.node_status()))
     if jobs_table is not None:
         print()
         print(jobs_table)
@@ -221,7 +245,7 @@ def _run_processes(
 def _watch(
     master: subprocess.Popen[bytes],
     pupils: dict[str, subprocess.Popen[bytes]],
-    store_path: Path,
+    store: Store,
     expected_reports: int,
     timeout_s: float,
 ) -> str | None:
@@ -236,39 +260,15 @@ def _watch(
                     return f"{node} exited early (code {proc.returncode})"
             if time.monotonic() > deadline:
                 return f"not every report arrived within {timeout_s:.0f}s"
-            if store_path.is_file():
-                with contextlib.suppress(sqlite3.Error):
-                    bar.update(Store(store_path).report_count() - bar.n)
+            with contextlib.suppress(sqlite3.Error):
+                bar.update(store.report_count() - bar.n)
             time.sleep(POLL_S)
     return None
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for proc in processes:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in processes:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_for_goodbyes(master: subprocess.Popen[bytes], store_path: Path) -> None:
+def _wait_for_goodbyes(master: subprocess.Popen[bytes], store: Store) -> None:
     deadline = time.monotonic() + GOODBYE_WAIT_S
     while master.poll() is None and time.monotonic() < deadline:
-        if all(row.state == "offline" for row in Store(store_path).node_status()):
+        if all(row.state == "offline" for row in store.node_status()):
             return
         time.sleep(POLL_S)
-
-
-def _delete_topology(config: BrokerConfig, node_ids: tuple[str, ...]) -> None:
-    try:
-        connection = connect(config.model_copy(update={"connect_attempts": 1}))
-    except BrokerError:
-        return
-    try:
-        Topology(config.namespace).delete_all(connection.channel(), node_ids)
-    finally:
-        connection.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,15 @@ class PromptItem(BaseModel):
     preferences: list[str] = Field(default_factory=list)
     instructions: list[str] = Field(default_factory=list)
     split: Literal["train", "eval"] | None = None
+
+
+def bundled_prompt_set(name: str) -> AbstractContextManager[Path]:
+    """A prompt set shipped in the package (``"demo.jsonl"``, ``"benchmark.jsonl"``) as a path.
+
+    Found with importlib.resources, so it is the installed package's file wherever that is; the
+    path lasts as long as the context (a zipped install extracts it to a temporary file).
+    """
+    return resources.as_file(resources.files("master").joinpath("prompt_sets", name))
 
 
 def load_prompts(path: Path) -> list[PromptItem]:

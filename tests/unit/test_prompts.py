@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from master.prompts import PromptItem, assign_split, load_prompts
+from master.prompts import PromptItem, assign_split, bundled_prompt_set, load_prompts
 from shared.errors import ConfigError
-
-BUNDLED = Path(__file__).resolve().parents[2] / "master" / "prompt_sets"
 
 
 def test_bundled_demo_set_loads_with_both_splits() -> None:
-    items = load_prompts(BUNDLED / "demo.jsonl")
+    with bundled_prompt_set("demo.jsonl") as path:
+        items = load_prompts(path)
     splits = {assign_split(i, 0.25, 0) for i in items}
     assert splits == {"train", "eval"}
     assert len({i.id for i in items}) == len(items)
