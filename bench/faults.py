@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # bench/ on sys.path, so put the repository root there too.
 sys.path.insert(0, str(ROOT))
 
+from harness import format_table  # noqa: E402
+
 from tests.faults.result import FaultResult  # noqa: E402
 from tests.faults.scenarios import SCENARIOS, private_brokers  # noqa: E402
 
@@ -35,21 +37,6 @@ COLUMNS = (
     "trained twice",
     "recovery (s)",
 )
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """A plain-text table with a header rule, columns padded to their widest cell."""
-    table = [COLUMNS, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-
-    def line(row: tuple[str, ...]) -> str:
-        first, *rest = row
-        cells = [first.ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)
-        ]
-        return "  ".join(cells)
-
-    return "\n".join([line(COLUMNS), "-" * len(line(COLUMNS)), *(line(row) for row in rows)])
 
 
 def row(result: FaultResult) -> tuple[str, ...]:
@@ -83,7 +70,7 @@ def main() -> int:
                 traceback.print_exc()
                 failed_row = (f"{scenario.key} (FAILED, see above)",)
                 rows.append(failed_row + ("-",) * (len(COLUMNS) - 1))
-    print(format_table(rows))
+    print(format_table(COLUMNS, rows))
     print(
         f"{len(chosen)} scenarios in {time.monotonic() - started:.0f}s; logs in {workdir}",
         file=sys.stderr,

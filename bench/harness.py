@@ -22,6 +22,7 @@ from shared.backends.templates import render_prompt
 from shared.broker import Publisher, connect
 from shared.config import BrokerConfig
 from shared.messages import Embedding, Lesson, encode
+from shared.namespace import delete_namespace
 from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,11 +67,7 @@ def throwaway_topology(config: BrokerConfig, node_ids: Sequence[str] = ()) -> It
     try:
         yield topology
     finally:
-        connection = connect(config)
-        try:
-            topology.delete_all(connection.channel(), tuple(node_ids))
-        finally:
-            connection.close()
+        delete_namespace(config, node_ids)
 
 
 def make_lessons(
@@ -115,14 +112,18 @@ def queue_lessons(config: BrokerConfig, topology: Topology, lessons: list[Lesson
         publisher.close()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) by linear interpolation; NaN for no values."""
-    return float(np.percentile(values, q)) if values else float("nan")
+# Of no values there is no figure: None, which every table here prints as "-" and JSON writes as
+# null. NaN would print as "nan" and make the JSON file invalid.
 
 
-def median(values: Sequence[float]) -> float:
-    """The median; NaN for no values."""
-    return float(statistics.median(values)) if values else float("nan")
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation; None for no values."""
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def median(values: Sequence[float]) -> float | None:
+    """The median; None for no values."""
+    return float(statistics.median(values)) if len(values) else None
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from harness import (
     throwaway_topology,
 )
 
+from distill_swarm.processes import stop_processes
 from shared.broker import connect
 from shared.config import BrokerConfig
 from shared.topology import Topology
@@ -254,11 +254,7 @@ def run_node(
         print((work / "pupil.log").read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        stop_processes([node])
         log.close()
     return peak, samples, seconds
 

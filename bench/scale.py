@@ -24,184 +24,37 @@ The broker and the master run on the first half of the CPUs, the nodes on the re
 shares them all). ``--master-prefetch 1`` shows the master before docs/scale.md's fix;
 ``--profile`` samples the master with py-spy.
 
-Figures, not a test: docs/scale.md holds measured tables and what broke first.
+Figures, not a test: docs/scale.md holds measured tables and what broke first. This file runs
+the processes; bench/scale_probes.py samples them, bench/scale_figures.py computes and prints the
+figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import pika
-import pika.exceptions as pex
+from scale_figures import PROFILE_RATE_HZ, analyse, describe, log_problems, profile_summary, table
+from scale_probes import SAMPLE_INTERVAL_S, Sampler
 
 from distill_swarm.local_broker import LocalBroker
+from distill_swarm.processes import stop_processes
 from shared.topology import Topology
 
 BENCH = Path(__file__).resolve().parent
-SAMPLE_INTERVAL_S = 0.5
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 # After SIGTERM, how long a worker may take to stop its nodes and write its ledger.
 STOP_TIMEOUT_S = 120.0
-
-
-# -- /proc ----------------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (after the command name), or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds the process has used, or None if it is gone."""
-    fields = _stat_fields(pid)
-    if fields is None:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def session_pids(session: int) -> list[int]:
-    """Every live process of a session (the broker's scripts, beam.smp, epmd's helpers...)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields is not None and int(fields[3]) == session:
-                out.append(int(entry.name))
-    return out
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process in MB (0 if it is gone)."""
-    fields = _stat_fields(pid)
-    return 0.0 if fields is None else int(fields[21]) * PAGE_BYTES / 1e6
-
-
-# -- probes ---------------------------------------------------------------------------------
-
-
-class QueueProbe:
-    """Reads queue depths with passive declares on a connection of its own."""
-
-    def __init__(self, url: str) -> None:
-        self._connection = pika.BlockingConnection(pika.URLParameters(url))
-        self._channel = self._connection.channel()
-
-    def depth(self, queue: str) -> int | None:
-        """Messages ready in ``queue``; None if it does not exist (yet)."""
-        try:
-            result = self._channel.queue_declare(queue, passive=True)
-        except pex.ChannelClosedByBroker:
-            self._channel = self._connection.channel()
-            return None
-        return int(result.method.message_count)
-
-    def close(self) -> None:
-        """Close the connection."""
-        with contextlib.suppress(Exception):
-            self._connection.close()
-
-
-def stored_reports(store: Path) -> int:
-    """How many distinct reports the master's store holds (0 before it exists)."""
-    if not store.exists():
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
-            return int(db.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
-    except sqlite3.Error:
-        return 0
-
-
-@dataclass
-class Sample:
-    """One look at the run, every SAMPLE_INTERVAL_S."""
-
-    t: float
-    master_cpu_s: float | None
-    broker_cpu_s: float
-    broker_rss_mb: float
-    workers_cpu_s: float
-    reports_depth: int | None
-    control_depth: int | None
-    stored: int
-
-
-class Sampler:
-    """A thread that samples CPU, memory, queue depths and the store until stopped."""
-
-    def __init__(
-        self, run: Run, broker_session: int, topology: Topology, url: str, store: Path
-    ) -> None:
-        self.samples: list[Sample] = []
-        self._run = run
-        self._session = broker_session
-        self._topology = topology
-        self._url = url
-        self._store = store
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
-
-    def start(self) -> None:
-        """Start sampling."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop sampling (after one last sample); a no-op if it never started."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def latest(self) -> Sample | None:
-        """The newest sample."""
-        return self.samples[-1] if self.samples else None
-
-    def _loop(self) -> None:
-        probe = QueueProbe(self._url)
-        try:
-            while True:
-                self.samples.append(self._sample(probe))
-                if self._stop.wait(SAMPLE_INTERVAL_S):
-                    self.samples.append(self._sample(probe))
-                    return
-        finally:
-            probe.close()
-
-    def _sample(self, probe: QueueProbe) -> Sample:
-        broker = session_pids(self._session)
-        master = self._run.master
-        return Sample(
-            t=time.time(),
-            master_cpu_s=None if master is None else cpu_s(master.pid),
-            broker_cpu_s=sum(cpu_s(p) or 0.0 for p in broker),
-            broker_rss_mb=sum(rss_mb(p) for p in broker),
-            workers_cpu_s=sum(cpu_s(w.pid) or 0.0 for w in self._run.workers),
-            reports_depth=probe.depth(self._topology.reports_queue),
-            control_depth=probe.depth(self._topology.control_queue),
-            stored=stored_reports(self._store),
-        )
 
 
 # -- the processes of one run ----------------------------------------------------------------
@@ -224,17 +77,7 @@ class Run:
 
     def close(self) -> None:
         """SIGTERM every live process, then SIGKILL what has not exited in time."""
-        processes = [*self.workers, *([self.master] if self.master else [])]
-        for proc in processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in processes:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([*self.workers, *([self.master] if self.master else [])], STOP_TIMEOUT_S)
 
 
 @dataclass
@@ -336,50 +179,7 @@ def start_profiler(run: Run, workdir: Path) -> subprocess.Popen[bytes]:
 
 def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
     """Stop py-spy; it writes its samples on SIGINT."""
-    profiler.send_signal(signal.SIGINT)
-    try:
-        profiler.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        profiler.kill()
-        profiler.wait()
-
-
-PROFILE_RATE_HZ = 200
-# Where the master's report worker thread spends its busy time, by a frame its stack contains.
-PROFILE_BUCKETS = (
-    ("store.add_report (SQLite)", "Store.add_report"),
-    ("decode (pydantic)", "decode (shared/messages.py"),
-    ("metrics.record_report", "MasterMetrics.record_report"),
-    ("logging", "Logger.info"),
-    ("handle, other", "MasterService.handle"),
-    ("scheduling the ack", "Consumer._schedule"),
-)
-
-
-def profile_summary(path: Path) -> dict[str, float]:
-    """CPU seconds of the master's report worker thread in each of PROFILE_BUCKETS.
-
-    The jobs consumer has a worker thread of the same shape, so the report worker is found as
-    the thread (py-spy's ``--threads`` frame) whose stacks run ``MasterService.handle``. Idle
-    samples (waiting for a delivery) are left out: compare the total with the run's duration.
-    """
-    if not path.exists():
-        return {}
-    stacks: dict[str, list[tuple[str, int]]] = {}
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        thread = stack.split(";", 2)[1] if stack.count(";") >= 2 else ""
-        if count.isdigit() and "Consumer._work_loop" in stack:
-            stacks.setdefault(thread, []).append((stack, int(count)))
-    workers = [t for t, s in stacks.items() if any("MasterService.handle" in x for x, _ in s)]
-    if not workers:
-        return {}
-    counts = dict.fromkeys([b for b, _ in PROFILE_BUCKETS], 0)
-    for stack, n in stacks[workers[0]]:
-        bucket = next((b for b, marker in PROFILE_BUCKETS if marker in stack), None)
-        if bucket is not None:
-            counts[bucket] += n
-    return {b: round(c / PROFILE_RATE_HZ, 2) for b, c in counts.items()}
+    stop_processes([profiler], sig=signal.SIGINT)
 
 
 def wait_for_master(run: Run, sampler: Sampler, timeout_s: float = 120.0) -> None:
@@ -427,215 +227,6 @@ def collect_ledgers(workdir: Path, workers: int) -> list[dict[str, Any]]:
         if path.exists():
             out.append(json.loads(path.read_text()))
     return out
-
-
-def log_problems(workdir: Path) -> dict[str, list[str]]:
-    """Distinct WARNING/ERROR messages per log (timestamps cut), at most five each."""
-    out: dict[str, list[str]] = {}
-    for log in sorted(workdir.glob("*.log")):
-        seen: dict[str, None] = {}
-        for line in log.read_text(errors="replace").splitlines():
-            if " WARNING " in line or " ERROR " in line or "Traceback" in line:
-                text = line.split(" ", 2)[-1][:200]
-                seen.setdefault(text)
-        if seen:
-            out[log.stem] = [*list(seen)[:5], f"({len(seen)} distinct)"]
-    return out
-
-
-# -- analysis -------------------------------------------------------------------------------
-
-
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0..100) by linear interpolation; None for no values."""
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return float(statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1])
-
-
-def cpu_percent(samples: list[Sample], attr: str, t0: float, t1: float) -> float | None:
-    """CPU of a process over [t0, t1] as % of one core, from the samples around that window."""
-    points = [(s.t, getattr(s, attr)) for s in samples if getattr(s, attr) is not None]
-    before = [p for p in points if p[0] <= t0] or points[:1]
-    after = [p for p in points if p[0] >= t1] or points[-1:]
-    if not before or not after or after[0][0] <= before[-1][0]:
-        return None
-    (ta, ca), (tb, cb) = before[-1], after[0]
-    return 100.0 * (cb - ca) / (tb - ta)
-
-
-def peak_cpu_percent(samples: list[Sample], attr: str, window_s: float = 2.0) -> float | None:
-    """The highest CPU % of one core over any ``window_s`` stretch of samples."""
-    points = [(s.t, getattr(s, attr)) for s in samples if getattr(s, attr) is not None]
-    best = None
-    j = 0
-    for i in range(len(points)):
-        while j < len(points) and points[j][0] - points[i][0] < window_s:
-            j += 1
-        if j < len(points):
-            rate = 100.0 * (points[j][1] - points[i][1]) / (points[j][0] - points[i][0])
-            best = rate if best is None else max(best, rate)
-    return best
-
-
-def analyse(
-    cfg: Config,
-    store: Path,
-    samples: list[Sample],
-    ledgers: list[dict[str, Any]],
-    started: float,
-) -> dict[str, Any]:
-    """Every figure of one run from the master's store, the samples and the workers' ledgers."""
-    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
-        lessons = {
-            lesson_id: _epoch(json.loads(body)["created_at"])
-            for lesson_id, body in db.execute("SELECT lesson_id, body FROM lessons")
-        }
-        published = [
-            _epoch(p)
-            for (p,) in db.execute("SELECT published_at FROM lessons WHERE published_at NOT NULL")
-        ]
-        rows = db.execute("SELECT lesson_id, node_id, deliveries, received_at, body FROM reports")
-        reports = [
-            (lesson_id, node, deliveries, _epoch(at), _epoch(json.loads(body)["created_at"]))
-            for lesson_id, node, deliveries, at, body in rows
-        ]
-    nodes = {n: led for ledger in ledgers for n, led in ledger["nodes"].items()}
-    received = [t for led in nodes.values() for t in led["received"].values()]
-    confirmed = [t for led in nodes.values() for t in led["confirmed"].values()]
-    t0 = min(lessons.values()) if lessons else started
-    stored_at = [r[3] for r in reports]
-    t_end = max(stored_at) if stored_at else t0
-    e2e = [r[3] - lessons[r[0]] for r in reports if r[0] in lessons]
-    lag = [r[3] - r[4] for r in reports]
-    depths = [s.reports_depth for s in samples if s.reports_depth is not None]
-    connected = [ledger["connected"] for ledger in ledgers]
-    ms = 1000.0
-    return {
-        "config": asdict(cfg),
-        "expected_reports": cfg.nodes * cfg.lessons,
-        "lessons_published": len(published),
-        "nodes_started": len(nodes),
-        "start_failures": sum(len(ledger["start_failures"]) for ledger in ledgers),
-        "reports_stored": len(reports),
-        "duplicate_deliveries": sum(r[2] - 1 for r in reports),
-        "lesson_redeliveries": sum(led["redelivered"] for led in nodes.values()),
-        "lessons_received": len(received),
-        "reports_confirmed": len(confirmed),
-        "setup_s": t0 - started,
-        "nodes_connected_s": (max(connected) - started) if connected else None,
-        "run_s": t_end - t0,
-        "lessons_per_s": len(received) / (max(received) - t0) if received else None,
-        "reports_sent_per_s": len(confirmed) / (max(confirmed) - t0) if confirmed else None,
-        "reports_per_s": len(reports) / (t_end - t0) if t_end > t0 else None,
-        "e2e_p50_ms": _scaled(percentile(e2e, 50), ms),
-        "e2e_p99_ms": _scaled(percentile(e2e, 99), ms),
-        "e2e_max_ms": _scaled(max(e2e, default=None), ms),
-        "lag_p50_ms": _scaled(percentile(lag, 50), ms),
-        "lag_p99_ms": _scaled(percentile(lag, 99), ms),
-        "lag_max_ms": _scaled(max(lag, default=None), ms),
-        "reports_depth_max": max(depths, default=None),
-        "reports_depth_end": depths[-1] if depths else None,
-        "master_cpu_pct": cpu_percent(samples, "master_cpu_s", t0, t_end),
-        "master_cpu_peak_pct": peak_cpu_percent(samples, "master_cpu_s"),
-        "broker_cpu_pct": cpu_percent(samples, "broker_cpu_s", t0, t_end),
-        "workers_cpu_pct": cpu_percent(samples, "workers_cpu_s", t0, t_end),
-        "broker_rss_max_mb": max((s.broker_rss_mb for s in samples), default=None),
-    }
-
-
-def _scaled(value: float | None, factor: float) -> float | None:
-    return None if value is None else value * factor
-
-
-# -- output ---------------------------------------------------------------------------------
-
-COLUMNS = (
-    ("nodes", "nodes", "{:.0f}"),
-    ("stored/expected", None, ""),
-    ("dup", "duplicate_deliveries", "{:.0f}"),
-    ("lessons/s", "lessons_per_s", "{:.0f}"),
-    ("reports/s", "reports_per_s", "{:.0f}"),
-    ("e2e p50 ms", "e2e_p50_ms", "{:.0f}"),
-    ("e2e p99 ms", "e2e_p99_ms", "{:.0f}"),
-    ("lag p99 ms", "lag_p99_ms", "{:.0f}"),
-    ("max queue", "reports_depth_max", "{:.0f}"),
-    ("master CPU %", "master_cpu_pct", "{:.0f}"),
-    ("broker CPU %", "broker_cpu_pct", "{:.0f}"),
-    ("setup s", "setup_s", "{:.0f}"),
-)
-
-
-def cells(figures: dict[str, Any]) -> list[str]:
-    """One table row."""
-    out = []
-    for _, key, fmt in COLUMNS:
-        if key is None:
-            out.append(f"{figures['reports_stored']}/{figures['expected_reports']}")
-        elif key == "nodes":
-            out.append(str(figures["config"]["nodes"]))
-        else:
-            value = figures.get(key)
-            out.append("-" if value is None else fmt.format(value))
-    return out
-
-
-def format_table(rows: list[list[str]]) -> str:
-    """A plain-text table, numbers right-aligned."""
-    header = [c[0] for c in COLUMNS]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
-
-    return "\n".join([line(header), "-" * len(line(header)), *(line(r) for r in rows)])
-
-
-def describe(figures: dict[str, Any]) -> str:
-    """What the table leaves out: exactly-once checks, CPU, memory, warnings."""
-    f = figures
-    once = (
-        f["reports_stored"] == f["expected_reports"]
-        and f["duplicate_deliveries"] == 0
-        and f["lesson_redeliveries"] == 0
-    )
-    lines = [
-        f"{f['config']['nodes']} nodes x {f['config']['lessons']} lessons ({f['config']['mode']}): "
-        f"{f['outcome']}; every report exactly once: {'yes' if once else 'NO'} "
-        f"(stored {f['reports_stored']}/{f['expected_reports']}, duplicate deliveries "
-        f"{f['duplicate_deliveries']}, lesson redeliveries {f['lesson_redeliveries']}, "
-        f"nodes started {f['nodes_started']}, start failures {f['start_failures']})",
-        f"  run {f['run_s']:.1f}s after {f['setup_s']:.1f}s of set-up; reports sent "
-        f"{_fmt(f['reports_sent_per_s'])}/s vs stored {_fmt(f['reports_per_s'])}/s; "
-        f"lag p50/p99/max {_fmt(f['lag_p50_ms'])}/{_fmt(f['lag_p99_ms'])}/"
-        f"{_fmt(f['lag_max_ms'])} ms; reports queue max {f['reports_depth_max']}, "
-        f"at the end {f['reports_depth_end']}",
-        f"  CPU (% of one core): master {_fmt(f['master_cpu_pct'])} (peak "
-        f"{_fmt(f['master_cpu_peak_pct'])}), broker {_fmt(f['broker_cpu_pct'])}, workers "
-        f"{_fmt(f['workers_cpu_pct'])}; broker RSS max {_fmt(f['broker_rss_max_mb'])} MB",
-    ]
-    if f.get("master_profile"):
-        busy = sum(f["master_profile"].values())
-        shares = ", ".join(f"{k} {v:.2f}" for k, v in f["master_profile"].items())
-        lines.append(
-            f"  master's report worker thread (py-spy): busy {busy:.2f}s of the {f['run_s']:.1f}s "
-            f"run; {shares} (s)"
-        )
-    for alarm in f["broker_alarms"]:
-        lines.append(f"  broker: {alarm}")
-    for name, problems in f["log_problems"].items():
-        lines.append(f"  {name}: " + " | ".join(problems))
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -709,7 +300,7 @@ def main() -> int:
             return 130
         results.append(figures)
         print(describe(figures), file=sys.stderr, flush=True)
-    print(format_table([cells(f) for f in results]))
+    print(table(results))
     (workdir / "scale.json").write_text(json.dumps(results, indent=2))
     print(f"figures and logs in {workdir}", file=sys.stderr)
     complete = all(f["outcome"] == "complete" for f in results)
