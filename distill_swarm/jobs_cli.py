@@ -12,11 +12,18 @@ from typing import Annotated
 import typer
 
 from distill_swarm.client import JobClient, JobFailed
-from shared.cli_support import ExitCode, exit_on_errors, fail, settings_from, setup_logging
+from shared.cli_support import (
+    ConfigOpt,
+    ExitCode,
+    StoreOpt,
+    exit_on_errors,
+    fail,
+    master_store,
+    settings_from,
+    setup_logging,
+)
 from shared.jobs import KINDS, InvalidJob, render_goal
 from shared.messages import JobResult
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
 
 
 def _read_input(source: str) -> str:
@@ -110,7 +117,7 @@ COLUMNS = (
 
 def jobs(
     config: ConfigOpt = None,
-    store: Annotated[Path | None, typer.Option(help="SQLite store path.")] = None,
+    store: StoreOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="How many jobs to list.")] = 20,
     kind: Annotated[str | None, typer.Option(help="Only jobs of this kind.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -119,10 +126,7 @@ def jobs(
     from master.job_store import JobStore
     from master.store import Store
 
-    settings = settings_from(config, {"master.store": store})
-    path = settings.master.store
-    if not path.is_file():
-        fail(f"no master store at {path}: has the master run here? (--store PATH)")
+    _, path = master_store(config, store)
     if kind is not None and kind not in KINDS:
         fail(f"--kind {kind!r}: not a job kind; use one of {', '.join(KINDS)}")
     try:

@@ -26,9 +26,12 @@ from master.store import Store
 from shared.backends import embedder_from, generator_from
 from shared.broker import Publisher
 from shared.cli_support import (
+    ConfigOpt,
     ExitCode,
+    StoreOpt,
     exit_on_errors,
     fail,
+    master_store,
     settings_from,
     setup_logging,
     stop_on_signals,
@@ -46,8 +49,6 @@ app = typer.Typer(
 )
 log = logging.getLogger(__name__)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
-
 
 @app.command("run")
 def run(
@@ -55,7 +56,7 @@ def run(
     prompts: Annotated[
         Path | None, typer.Option(help="Prompt set (.jsonl/.yaml); overrides master.prompts.")
     ] = None,
-    store: Annotated[Path | None, typer.Option(help="SQLite store path.")] = None,
+    store: StoreOpt = None,
     expect_nodes: Annotated[
         int | None, typer.Option(min=0, help="Wait for this many pupils before publishing.")
     ] = None,
@@ -94,21 +95,18 @@ def run(
 
 def status(
     config: ConfigOpt = None,
-    store: Annotated[Path | None, typer.Option(help="SQLite store path.")] = None,
+    store: StoreOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Every node with last seen, lessons done, latest loss and eval similarity."""
-    settings = settings_from(config, {"master.store": store})
-    path = settings.master.store
-    if not path.is_file():
-        fail(f"no master store at {path}: has the master run here? (--store PATH)")
+    settings, path = master_store(config, store)
     rows = Store(path).node_status(settings.master.duplicate_window_s)
     typer.echo(format_json(rows) if as_json else format_table(rows))
 
 
 def evaluate(
     config: ConfigOpt = None,
-    store: Annotated[Path | None, typer.Option(help="SQLite store path.")] = None,
+    store: StoreOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Where eval.csv, eval.json and plots go (default: <store dir>/eval)."),
@@ -134,10 +132,7 @@ def evaluate(
     Online figures (eval lessons as they arrived) and, if the master held one, the exam's (the
     same lessons answered again at the end), each in its own table.
     """
-    settings = settings_from(config, {"master.store": store})
-    path = settings.master.store
-    if not path.is_file():
-        fail(f"no master store at {path}: has the master run here? (--store PATH)")
+    settings, path = master_store(config, store)
     try:
         db = Store(path)
         data = evaluation.load(db)
@@ -217,7 +212,7 @@ def _exam_evaluation(
 
 def exam(
     config: ConfigOpt = None,
-    store: Annotated[Path | None, typer.Option(help="SQLite store path.")] = None,
+    store: StoreOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait for every present node to answer.")
     ] = True,
@@ -230,10 +225,7 @@ def exam(
     A running master stores the answers; `distill-swarm eval` then reports the exam apart from
     the online figures. Nodes heard from in the last few minutes are waited for.
     """
-    settings = settings_from(config, {"master.store": store})
-    path = settings.master.store
-    if not path.is_file():
-        fail(f"no master store at {path}: has the master run here? (--store PATH)")
+    settings, path = master_store(config, store)
     db = Store(path)
     exams = ExamStore(db)
     topology = Topology(

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from shared.backends import embedder_from, generator_from
-from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
+from shared.cli_support import (
+    ConfigOpt,
+    exit_on_errors,
+    fail,
+    settings_from,
+    setup_logging,
+    stop_on_signals,
+)
 from shared.config import Settings
 from shared.metrics import PupilMetrics, serve
 from shared.study_metrics import StudyMetrics
@@ -25,7 +32,6 @@ log = logging.getLogger(__name__)
 
 
 NodeIdOpt = Annotated[str | None, typer.Option(help="This node's id (letters, digits, . _ -).")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
 StateDirOpt = Annotated[
     Path | None,
     typer.Option(
