@@ -1,5 +1,5 @@
 """`python -m distill_swarm` is the `distill-swarm` command."""
 
-from distill_swarm.cli import main
+from distill_swarm import main
 
 main()
