@@ -60,6 +60,7 @@ def run(
     from pupil_node.node import PupilNode
     from pupil_node.service import PupilService
     from pupil_node.state import OLD_DEFAULT
+    from shared.adapter import cap_torch_threads
 
     log.info("pupil %s: state dir %s", cfg.node_id, state.path)
     if cfg.state_dir is None and OLD_DEFAULT.is_dir():
@@ -76,6 +77,10 @@ def run(
     metrics = PupilMetrics()
     serve(metrics.registry, cfg.metrics_addr, cfg.metrics_port)
     with exit_on_errors():
+        # Before any model loads, for both backends: an Ollama pupil would otherwise train with
+        # every core while Ollama needs them.
+        threads = cap_torch_threads(cfg.adapter.threads)
+        log.info("pupil %s: %d torch threads", cfg.node_id, threads)
         generator = generator_from(cfg.generator)
         embedder = embedder_from(cfg.embedder)
         node = PupilNode(

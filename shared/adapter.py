@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional
 from torch.optim.adamw import adamw
 
+from shared.errors import ConfigError
 from shared.replay import DEFAULT_CAPACITY, ReplayBuffer, as_rows
 
 # 256 hidden units rather than the seed's 1024: at 1024 dims that is 0.5 M parameters (2 MiB of
@@ -36,23 +37,46 @@ ADAM_EPS = 1e-8
 DEFAULT_STEPS = 8
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEED = 0
-# Two threads leave a 4-core Pi room for the LLM and the broker connection; more threads hardly
-# speed up matrices this small.
-DEFAULT_TORCH_THREADS = 2
+TORCH_THREADS_ENV = "DISTILL_SWARM_TORCH_THREADS"
 LOSS_NAME = "cosine"
 
 
-def limit_torch_threads(num_threads: int | None = None) -> int:
-    """Cap torch's intra-op thread pool for this process and return the cap applied.
+# Threads a service set from its configuration (cap_torch_threads(n)); later calls without a
+# number (e.g. the embedded embedder's, when it loads) keep them rather than lower them.
+_configured_threads: int | None = None
 
-    ``torch.set_num_threads`` is process-global, so services call this once at start-up; this
-    module never calls it on import. The default is ``min(DEFAULT_TORCH_THREADS, cpu count)``.
+
+def cap_torch_threads(threads: int | None = None) -> int:
+    """Cap torch's intra-op threads for this process and return the number it now uses.
+
+    ``threads`` (a service's configuration, e.g. ``pupil.adapter.threads``) sets the number; it
+    is kept for the rest of the process. Without it, the cap is the configured number if one was
+    set, else ``$DISTILL_SWARM_TORCH_THREADS``, else half the cores (at least one), and it never
+    raises a lower setting made elsewhere. torch's default is every core, which a pupil training
+    its adapter would take from its model server (Ollama, or llama.cpp in the same process) and
+    its broker connection; matrices this small hardly gain from more threads anyway.
+    ``torch.set_num_threads`` is process-global, so services call this once at start-up.
     """
-    threads = num_threads if num_threads is not None else DEFAULT_TORCH_THREADS
+    global _configured_threads
+    cores = os.cpu_count() or 1
+    if threads is not None:
+        _configured_threads = min(threads, cores)
+        torch.set_num_threads(_configured_threads)
+        return _configured_threads
+    cap = _configured_threads or _default_threads(cores)
+    if torch.get_num_threads() > cap:
+        torch.set_num_threads(cap)
+    return torch.get_num_threads()
+
+
+def _default_threads(cores: int) -> int:
+    env = os.environ.get(TORCH_THREADS_ENV)
+    try:
+        threads = int(env) if env else max(1, cores // 2)
+    except ValueError:
+        raise ConfigError(f"{TORCH_THREADS_ENV} must be a whole number, not '{env}'") from None
     if threads < 1:
-        raise ValueError(f"num_threads must be at least 1, got {threads}")
-    threads = min(threads, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+        raise ConfigError(f"{TORCH_THREADS_ENV} must be at least 1, not {threads}")
     return threads
 
 

@@ -109,6 +109,11 @@ class AdapterConfig(_Section):
     # Left unset, a node accepts only lessons embedded with its own embedding model.
     reference_model: str | None = None
     reference_dim: int | None = Field(default=None, ge=1, le=8192)
+    # Torch threads in the pupil's process: training both adapters and, with the embedded backend,
+    # embedding. None: $DISTILL_SWARM_TORCH_THREADS, else half the cores (at least one), so the
+    # model server (Ollama, or llama.cpp in the same process) keeps the rest whatever the backend.
+    # Not generator.threads (llama.cpp's own) nor study.threads (a study round's child process).
+    threads: int | None = Field(default=None, ge=1, le=256)
 
 
 # ``lora`` and ``lora+retrieval`` answer with the node's served LoRA adapter (docs/lora.md); the

