@@ -116,7 +116,6 @@ class MasterService:
         self.store.defer_commits()
         if delivery.queue == self.topology.reports_queue:
             report = decode(delivery.body, Report)
-            assert isinstance(report, Report)
             self._check_identity(report.node_id, delivery)
             self._check_lesson(report)
             if report.exam_id is not None:

@@ -226,10 +226,16 @@ class ReportFigures:
         self._child(self.embed, label_values).observe(timings.embed_ms / 1000.0)
         if report.trained:
             self._child(self.train, label_values).observe(timings.train_ms / 1000.0)
-            if report.losses:
-                self._child(self.loss, label_values).set(report.losses[-1])
         if report.guided:
             self._child(self.guide, label_values).observe(timings.guide_ms / 1000.0)
+        self.set_gauges(report, *label_values)
+
+    def set_gauges(self, report: Report, *label_values: str) -> None:
+        """Set the gauges a report carries (latest loss, held-out similarity), nothing else."""
+        if report.error is not None:
+            return
+        if report.trained and report.losses:
+            self._child(self.loss, label_values).set(report.losses[-1])
         if report.split == "eval":
             for method, value in heldout_figures(report).items():
                 self.heldout.labels(*label_values, method).set(value)
@@ -276,7 +282,6 @@ class PupilMetrics(ServiceMetrics):
             self.lessons_replayed.inc()
             return
         report = decode(report_body, Report)
-        assert isinstance(report, Report)
         self.lessons_consumed.labels(report.split).inc()
         self.figures.record(report)
 
@@ -409,13 +414,7 @@ class MasterMetrics(ServiceMetrics):
         """
         node = self._set_node(info, online, last_seen_s)
         for report in latest:
-            if report.error is not None:
-                continue
-            if report.trained and report.losses:
-                self.figures.loss.labels(node).set(report.losses[-1])
-            if report.split == "eval":
-                for method, value in heldout_figures(report).items():
-                    self.figures.heldout.labels(node, method).set(value)
+            self.figures.set_gauges(report, node)
 
     def record_duplicate(self, node_id: str) -> None:
         """Count a control message from a second process speaking for ``node_id``."""
