@@ -21,11 +21,7 @@ import pytest
 import yaml
 
 from shared.config import load_settings
-from tests.deploy.test_compose import (
-    ENV_EXAMPLE,
-    _raw_compose,
-    _run_compose_config,
-)
+from tests.support.deploy_files import ENV_EXAMPLE, raw_compose, run_compose_config
 from tests.support.live_swarm import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +36,7 @@ PROVIDER = GRAFANA_DIR / "provisioning" / "dashboards" / "distill-swarm.yml"
 def services(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env_file = tmp_path_factory.mktemp("compose") / ".env"
     env_file.write_text(ENV_EXAMPLE.read_text())
-    result = _run_compose_config(env_file)
+    result = run_compose_config(env_file)
     assert result.returncode == 0, result.stderr
     data = yaml.safe_load(result.stdout)
     assert isinstance(data, dict)
@@ -120,7 +116,7 @@ def test_uis_are_on_loopback_and_grafana_password_comes_from_env(
 def _run_grafana_entrypoint(tmp_path: Path, password: str) -> subprocess.CompletedProcess[str]:
     """The grafana service's entrypoint with the image's /run.sh replaced by a recorder."""
     entrypoint = [
-        str(p).replace("$$", "$") for p in _raw_compose()["services"]["grafana"]["entrypoint"]
+        str(p).replace("$$", "$") for p in raw_compose()["services"]["grafana"]["entrypoint"]
     ]
     record = tmp_path / "started"
     fake = tmp_path / "run.sh"
