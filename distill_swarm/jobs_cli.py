@@ -12,16 +12,8 @@ from typing import Annotated
 import typer
 
 from distill_swarm.client import JobClient, JobFailed
-from shared.cli_support import (
-    ConfigOpt,
-    ExitCode,
-    StoreOpt,
-    exit_on_errors,
-    fail,
-    master_store,
-    settings_from,
-    setup_logging,
-)
+from shared.cli_options import ConfigOpt, StoreOpt, master_store
+from shared.cli_support import ExitCode, exit_on_errors, fail, settings_from, setup_logging
 from shared.jobs import KINDS, InvalidJob, render_goal
 from shared.messages import JobResult
 

@@ -25,13 +25,11 @@ from master.status import format_json, format_table
 from master.store import Store
 from shared.backends import embedder_from, generator_from
 from shared.broker import Publisher
+from shared.cli_options import ConfigOpt, StoreOpt, master_store
 from shared.cli_support import (
-    ConfigOpt,
     ExitCode,
-    StoreOpt,
     exit_on_errors,
     fail,
-    master_store,
     settings_from,
     setup_logging,
     stop_on_signals,

@@ -10,14 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from shared.backends import embedder_from, generator_from
-from shared.cli_support import (
-    ConfigOpt,
-    exit_on_errors,
-    fail,
-    settings_from,
-    setup_logging,
-    stop_on_signals,
-)
+from shared.cli_options import ConfigOpt
+from shared.cli_support import exit_on_errors, fail, settings_from, setup_logging, stop_on_signals
 from shared.config import Settings
 from shared.metrics import PupilMetrics, serve
 from shared.study_metrics import StudyMetrics

@@ -10,9 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
-
-import typer
+from typing import Any, NoReturn
 
 from shared.config import Settings, load_settings
 from shared.errors import (
@@ -23,10 +21,6 @@ from shared.errors import (
     QueueInUse,
     StateDirInUse,
 )
-
-# Options more than one command takes, spelt once.
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
-StoreOpt = Annotated[Path | None, typer.Option(help="SQLite store path.")]
 
 
 class ExitCode(IntEnum):
@@ -77,18 +71,6 @@ def settings_from(config: Path | None, overrides: Mapping[str, Any]) -> Settings
         return load_settings(config, overrides=overrides)
     except ConfigError as exc:
         fail(str(exc))
-
-
-def master_store(config: Path | None, store: Path | None) -> tuple[Settings, Path]:
-    """The settings and the master's store path, for commands that read the store.
-
-    Exits with one line if there is no store at that path yet.
-    """
-    settings = settings_from(config, {"master.store": store})
-    path = settings.master.store
-    if not path.is_file():
-        fail(f"no master store at {path}: has the master run here? (--store PATH)")
-    return settings, path
 
 
 @contextmanager
