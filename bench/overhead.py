@@ -176,7 +176,8 @@ def instrument(clock: Clock, stop: threading.Event, lessons: int) -> Any:
     from pupil_node.journal import Journal
     from pupil_node.memory import LessonMemory
     from shared.adapter import AdapterTrainer
-    from shared.broker import Consumer, Delivery
+    from shared.broker import Consumer
+    from shared.broker.worker import Settled
     from shared.metrics import PupilMetrics
 
     for module, name, part in (
@@ -210,7 +211,7 @@ def instrument(clock: Clock, stop: threading.Event, lessons: int) -> Any:
         clock.arrived(method.delivery_tag)
         on_message(self, queue_name, channel, method, props, body)
 
-    def timed_settle_all(self: Consumer, done: list[tuple[Delivery, tuple[str, str]]]) -> None:
+    def timed_settle_all(self: Consumer, done: Settled) -> None:
         settle_all(self, done)  # on the I/O thread: the ack is written when this returns
         for _ in done:  # prefetch 1: one lesson at a time
             if clock.acked() >= lessons:

@@ -73,7 +73,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from master.prompts import PromptItem
 from master.service import MasterService
 from master.store import Store
-from shared.broker import Consumer, Delivery, Publisher
+from shared.broker import Consumer, Delivery, Publisher, Settlement
 from shared.config import BrokerConfig, MasterConfig, Settings
 from shared.messages import Lesson, Report, Timings, encode
 from shared.topology import Topology
@@ -134,10 +134,11 @@ def framework_ingest(
     stop = threading.Event()
     counter = _Counter(expected, stop)
 
-    def handle(delivery: Delivery) -> None:
+    def handle(delivery: Delivery) -> Settlement:
         counter.started()
-        service.handle(delivery)
+        settlement = service.handle(delivery)  # its ack carries the batch's commit
         counter.finished()
+        return settlement
 
     consumer = Consumer(
         settings.master_consumer_broker(),  # what MasterService.run consumes with
@@ -145,8 +146,6 @@ def framework_ingest(
         [topology.reports_queue, topology.control_queue],
         handle,
         declare=topology.declare_master,
-        tick_interval_s=1.0,
-        before_settle=store.commit_deferred,  # one commit per batch, before its acks
     )
     consumer.run(stop)
     stored = store.report_count()

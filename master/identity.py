@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from shared.errors import DecodeError
+from shared.errors import WrongSender
 
 
 def check_identity(node_id: str, user_id: str | None) -> None:
     """Refuse a message whose sender (the broker-validated AMQP user) is not the node it names.
 
-    Raises DecodeError, so the message is dead-lettered with the reason.
+    Raises WrongSender (a DecodeError), so the message is dead-lettered with the reason.
     """
     if user_id != node_id:
         sender = "no user_id" if user_id is None else f"broker user '{user_id}'"
-        raise DecodeError(f"message claims node '{node_id}' but was published by {sender}")
+        raise WrongSender(f"message claims node '{node_id}' but was published by {sender}")
 
 
 class IdentityCheck:
@@ -38,6 +38,6 @@ class IdentityCheck:
         return bool(self.setting)
 
     def check(self, node_id: str, user_id: str | None) -> None:
-        """Raise DecodeError if the message must be, and is not, from the node it names."""
+        """Raise WrongSender if the message must be, and is not, from the node it names."""
         if self.required(user_id):
             check_identity(node_id, user_id)

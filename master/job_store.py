@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from master.store import Store
+from shared.jobs import Fallback
 from shared.messages import Job, JobResult
 
 JOB_SCHEMA = """
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     answered_by TEXT,                -- a node id or 'master'
     model TEXT,
     fallback TEXT,                   -- why the master answered a job it would have offloaded
+    fallback_code TEXT,              -- the same as a shared.jobs.Fallback code
     output TEXT,
     error TEXT,
     elapsed_s REAL,                  -- submission to answer
@@ -53,6 +55,18 @@ CREATE TABLE IF NOT EXISTS job_samples (
 
 OPEN_STATES = ("offloaded", "master")
 
+# A store from before fallback codes: add the column, and give the rows that have a fallback text
+# the code that text was written for (each began with the code's words then).
+_ADD_FALLBACK_CODE = """
+ALTER TABLE jobs ADD COLUMN fallback_code TEXT;
+UPDATE jobs SET fallback_code = CASE
+    WHEN fallback = 'critical' THEN 'critical'
+    WHEN fallback LIKE 'deadline:%' THEN 'deadline'
+    WHEN fallback LIKE 'unroutable:%' THEN 'unroutable'
+    ELSE 'pupil_failed' END
+WHERE fallback IS NOT NULL;
+"""
+
 
 @dataclass(frozen=True)
 class JobRow:
@@ -69,6 +83,7 @@ class JobRow:
     correlation_id: str | None
     answered_by: str | None
     fallback: str | None
+    fallback_code: Fallback | None
     output: str | None
     error: str | None
     elapsed_s: float | None
@@ -86,14 +101,19 @@ class JobStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        store.connection().executescript(JOB_SCHEMA)
+        db = store.connection()
+        db.executescript(JOB_SCHEMA)
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "fallback_code" not in columns:
+            db.executescript(_ADD_FALLBACK_CODE)
 
     def add(self, job: Job, state: str, reply_to: str | None, correlation_id: str | None) -> bool:
         """Store a newly submitted job; False if this job id is known already (a redelivery)."""
         with self._store.transaction() as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, kind, text, params, submitted_at, deadline, "
-                "state, reply_to, correlation_id, fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "state, reply_to, correlation_id, fallback, fallback_code) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     job.job_kind,
@@ -104,17 +124,19 @@ class JobStore:
                     state,
                     reply_to,
                     correlation_id,
-                    "critical" if state == "master" else None,
+                    Fallback.CRITICAL.value if state == "master" else None,
+                    Fallback.CRITICAL.value if state == "master" else None,
                 ),
             )
             return cursor.rowcount == 1
 
-    def to_master(self, job_id: str, fallback: str) -> bool:
+    def to_master(self, job_id: str, code: Fallback, fallback: str) -> bool:
         """Move an offloaded job to the master with the reason; False if it is not offloaded."""
         with self._store.transaction() as db:
             cursor = db.execute(
-                "UPDATE jobs SET state='master', fallback=? WHERE job_id=? AND state='offloaded'",
-                (fallback, job_id),
+                "UPDATE jobs SET state='master', fallback=?, fallback_code=? "
+                "WHERE job_id=? AND state='offloaded'",
+                (fallback, code.value, job_id),
             )
             return cursor.rowcount == 1
 
@@ -124,7 +146,9 @@ class JobStore:
         with self._store.transaction() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state=?, answered_by=?, model=?, output=?, error=?, elapsed_s=?, "
-                "finished_at=?, result=?, fallback=? "
+                "finished_at=?, result=?, fallback=?, "
+                # A pupil's answer that wins after all carries no fallback, nor its code.
+                "fallback_code = CASE WHEN ? IS NULL THEN NULL ELSE fallback_code END "
                 "WHERE job_id=? AND state IN ('offloaded', 'master')",
                 (
                     state,
@@ -135,6 +159,7 @@ class JobStore:
                     result.elapsed_s,
                     _now(),
                     result.model_dump_json(),
+                    result.fallback,
                     result.fallback,
                     result.job_id,
                 ),
@@ -201,6 +226,7 @@ class JobStore:
                 correlation_id=r["correlation_id"],
                 answered_by=r["answered_by"],
                 fallback=r["fallback"],
+                fallback_code=None if r["fallback_code"] is None else Fallback(r["fallback_code"]),
                 output=r["output"],
                 error=r["error"],
                 elapsed_s=r["elapsed_s"],

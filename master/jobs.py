@@ -40,12 +40,12 @@ from master.identity import IdentityCheck
 from master.job_store import JobRow, JobStore
 from shared.backends import Embedder, GenerationParams, TextGenerator
 from shared.backends.templates import render_prompt
-from shared.broker import Consumer, Delivery, Publisher, broker_user
+from shared.broker import Broker, ConsumerHooks, Delivery, RabbitBroker, broker_user
 from shared.config import Settings
 from shared.errors import DecodeError, PublishNotConfirmed, one_line
 from shared.health import Dependency
-from shared.job_metrics import MasterJobMetrics, fallback_class
-from shared.jobs import job_kind, render_goal
+from shared.job_metrics import MasterJobMetrics
+from shared.jobs import Fallback, job_kind, render_goal
 from shared.messages import MASTER, Job, JobResult, decode, encode
 from shared.similarity import cosine
 from shared.topology import Topology
@@ -95,8 +95,9 @@ class JobDispatcher:
         embedder: Embedder,
         metrics: MasterJobMetrics,
         stop: threading.Event,
-        rejected: Callable[[str, str], None] | None = None,
+        hooks: ConsumerHooks | None = None,
         model: Dependency | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.settings = settings
         # The master's model server: while it is down, the master's answers wait for it (the
@@ -111,11 +112,12 @@ class JobDispatcher:
         self.embedder = embedder
         self.metrics = metrics
         self.stop = stop
-        self._rejected = rejected  # (queue kind, reason) of each dead letter, for the metrics
+        self._hooks = hooks  # the intake consumer's (the master counts its dead letters)
+        self.broker = broker or RabbitBroker(settings.broker, settings.master_consumer_broker())
         self.identity = IdentityCheck(
             settings.master.verify_node_identity, broker_user(settings.broker.url)
         )
-        self.publisher = Publisher(settings.broker, self.declare, stop)
+        self.publisher = self.broker.publisher(self.declare, stop)
         self._deadlines: list[tuple[float, str]] = []  # (unix time, job id), a heap
         self._deadlines_lock = threading.Lock()
         self._work: queue.PriorityQueue[tuple[int, int, _Task | None]] = queue.PriorityQueue()
@@ -159,7 +161,9 @@ class JobDispatcher:
     def _offload(self, job: Job) -> None:
         remaining_s = (job.deadline - datetime.now(UTC)).total_seconds()
         if remaining_s <= 0:
-            self._fall_back(job.job_id, "deadline: it had passed when the job arrived")
+            self._fall_back(
+                job.job_id, Fallback.DEADLINE, "deadline: it had passed when the job arrived"
+            )
             return
         try:
             self.publisher.publish(
@@ -174,7 +178,7 @@ class JobDispatcher:
                 expiration=str(int(remaining_s * 1000) + 1000),
             )
         except PublishNotConfirmed as exc:
-            self._fall_back(job.job_id, f"unroutable: {exc}")
+            self._fall_back(job.job_id, Fallback.UNROUTABLE, f"unroutable: {exc}")
             return
         with self._deadlines_lock:
             heapq.heappush(self._deadlines, (job.deadline.timestamp(), job.job_id))
@@ -193,7 +197,8 @@ class JobDispatcher:
             return
         if result.error is not None:
             log.warning("job %s: %s failed: %s", row.job_id, result.answered_by, result.error)
-            self._fall_back(row.job_id, f"pupil failed: {result.answered_by}: {result.error}")
+            reason = f"pupil failed: {result.answered_by}: {result.error}"
+            self._fall_back(row.job_id, Fallback.PUPIL_FAILED, reason)
             return
         # Elapsed time is the submitter's: from submission, not from the pupil's receipt.
         final = result.model_copy(update={"elapsed_s": _since(row.submitted_at), "fallback": None})
@@ -216,12 +221,12 @@ class JobDispatcher:
                     due.append(heapq.heappop(self._deadlines)[1])
                 wait = self._deadlines[0][0] - now if self._deadlines else DEADLINE_POLL_S
             for job_id in due:
-                self._fall_back(job_id, "deadline: no pupil answered in time")
+                self._fall_back(job_id, Fallback.DEADLINE, "deadline: no pupil answered in time")
             self.stop.wait(min(max(wait, 0.0), DEADLINE_POLL_S))
 
-    def _fall_back(self, job_id: str, reason: str) -> None:
+    def _fall_back(self, job_id: str, code: Fallback, reason: str) -> None:
         """Hand an offloaded job to the master, if nobody has answered it yet."""
-        if self.store.to_master(job_id, reason):
+        if self.store.to_master(job_id, code, reason):
             row = self.store.get(job_id)
             kind = row.kind if row else "?"
             log.info("job %s (%s): the master answers it (%s)", job_id, kind, reason)
@@ -269,8 +274,8 @@ class JobDispatcher:
         )
         if self.store.finish(result):
             self._answered(row, result)
-            if row.fallback:
-                self.metrics.fallbacks.labels(row.kind, fallback_class(row.fallback)).inc()
+            if row.fallback_code is not None:
+                self.metrics.fallbacks.labels(row.kind, row.fallback_code.value).inc()
             log.info(
                 "job %s (%s): master answered in %.2fs", row.job_id, row.kind,
                 time.perf_counter() - started,
@@ -380,15 +385,14 @@ class JobDispatcher:
         ]
         for thread in threads:
             thread.start()
-        consumer = Consumer(
-            # Like the report consumer, a window of master.prefetch: a burst of submissions
-            # must not wait a broker round trip each.
-            self.settings.master_consumer_broker(),
+        # Like the report consumer, a window of master.prefetch (the broker's consumer config):
+        # a burst of submissions must not wait a broker round trip each.
+        consumer = self.broker.consumer(
             self.topology,
             [self.topology.job_submissions_queue, self.topology.job_results_queue],
             self.handle,
-            declare=self.declare,
-            on_dead_letter=self._dead_lettered,
+            self.declare,
+            hooks=self._hooks,
         )
         try:
             consumer.run(self.stop)
@@ -397,11 +401,6 @@ class JobDispatcher:
             for thread in threads:
                 thread.join(timeout=10)
             self.publisher.close()
-
-    def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
-        if self._rejected is not None:
-            results = delivery.queue == self.topology.job_results_queue
-            self._rejected("job_results" if results else "jobs", reason)
 
 
 def is_sampled(job_id: str, rate: float) -> bool:

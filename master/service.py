@@ -25,13 +25,13 @@ from master.prompts import PromptItem
 from master.store import Store
 from master.teacher import Teacher
 from shared.backends import Embedder, TextGenerator, probe
-from shared.broker import Consumer, Delivery, Publisher, broker_user
+from shared.broker import Broker, Delivery, RabbitBroker, Settlement, broker_user
 from shared.config import Settings
 from shared.errors import DecodeError, DistillSwarmError, ModelDown
 from shared.health import Dependency
 from shared.job_metrics import MasterJobMetrics
 from shared.messages import Goodbye, Heartbeat, Hello, NodeInfo, Report, decode, encode
-from shared.metrics import MasterMetrics
+from shared.metrics import CountRejected, MasterMetrics
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,11 @@ class MasterService:
         prompts: list[PromptItem],
         stop: threading.Event | None = None,
         metrics: MasterMetrics | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.settings = settings
+        # Consumers with master.prefetch's window, publishers with the broker's settings.
+        self.broker = broker or RabbitBroker(settings.broker, settings.master_consumer_broker())
         self.topology = Topology(
             settings.broker.namespace,
             settings.broker.quorum_queues,
@@ -86,8 +89,15 @@ class MasterService:
             embedder,
             MasterJobMetrics(self.metrics.registry, self.metrics.node_label),
             self.stop,
-            rejected=self.metrics.rejected,
+            hooks=CountRejected(
+                self.metrics,
+                {
+                    self.topology.job_submissions_queue: "jobs",
+                    self.topology.job_results_queue: "job_results",
+                },
+            ),
             model=self.model,
+            broker=self.broker,
         )
         self.exams = ExamStore(store)
         self.exam: Exam | None = None  # the exam this run held at its end (master.exam)
@@ -108,12 +118,21 @@ class MasterService:
 
     # -- ingestion (consumer thread) --------------------------------------------------------
 
-    def handle(self, delivery: Delivery) -> None:
+    def handle(self, delivery: Delivery) -> Settlement:
         """Store one report or control message; raises DecodeError for anything invalid.
 
-        Writes are committed per batch by the consumer (``before_settle``), before the acks.
+        What is durable, and when: the message's writes go into this thread's write batch (one
+        SQLite transaction for many messages), all or none of them. The ack returned carries the
+        batch, and the consumer commits it before it sends that ack or any other of the batch
+        (shared/broker/consumer.py): one commit per batch of up to 64 reports, nothing acked
+        that is not stored, and a failed commit requeues them all.
         """
-        self.store.defer_commits()
+        batch = self.store.write_batch()
+        with batch.message():
+            self._ingest(delivery)
+        return Settlement.ack(pending=batch)
+
+    def _ingest(self, delivery: Delivery) -> None:
         if delivery.queue == self.topology.reports_queue:
             report = decode(delivery.body, Report)
             self._check_identity(report.node_id, delivery)
@@ -241,7 +260,7 @@ class MasterService:
 
     def publish_lessons(self) -> None:
         """Answer every prompt and publish it as a lesson, once per lesson id."""
-        publisher = Publisher(self.settings.broker, self.topology.declare_master, self.stop)
+        publisher = self.broker.publisher(self.topology.declare_master, self.stop)
         try:
             self._wait_for_nodes()
             for seq, item in enumerate(self.prompts):
@@ -302,7 +321,7 @@ class MasterService:
                 return
         if not self._run_has_eval():
             return
-        publisher = Publisher(self.settings.broker, self.topology.declare_master, self.stop)
+        publisher = self.broker.publisher(self.topology.declare_master, self.stop)
         try:
             self.exam = publish_exam(
                 self.store, self.exams, publisher, self.topology, self.lesson_ids
@@ -366,25 +385,12 @@ class MasterService:
                 self.failure = self.failure or exc
                 self.stop.set()
 
-        def tick() -> None:
-            if exit_when_done and self.complete() and self.exam_complete():
-                self._log_missed()
-                log.info("every report is in; stopping")
-                self.stop.set()
-            if deadline is not None and time.monotonic() > deadline:
-                self.failure = DistillSwarmError(f"run did not complete within {timeout_s:.0f}s")
-                self.stop.set()
-
-        consumer = Consumer(
-            self.settings.master_consumer_broker(),
+        consumer = self.broker.consumer(
             self.topology,
             [self.topology.reports_queue, self.topology.control_queue],
             self.handle,
-            declare=self.topology.declare_master,
-            on_tick=tick,
-            tick_interval_s=1.0,
-            on_dead_letter=self._dead_lettered,
-            before_settle=self.store.commit_deferred,
+            self.topology.declare_master,
+            hooks=_RunHooks(self, exit_when_done, deadline, timeout_s),
         )
         self.metrics.watch_connection(consumer.connected)
         threads = [
@@ -403,9 +409,38 @@ class MasterService:
         if self.failure is not None:
             raise self.failure
 
-    def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
-        queue = "reports" if delivery.queue == self.topology.reports_queue else "control"
-        self.metrics.rejected(queue, reason)
+
+class _RunHooks(CountRejected):
+    """The report consumer's hooks: count dead letters; stop when the run is done or late."""
+
+    tick_interval_s = 1.0
+
+    def __init__(
+        self,
+        service: MasterService,
+        exit_when_done: bool,
+        deadline: float | None,
+        timeout_s: float | None,
+    ) -> None:
+        topology = service.topology
+        kinds = {topology.reports_queue: "reports", topology.control_queue: "control"}
+        super().__init__(service.metrics, kinds)
+        self._service = service
+        self._exit_when_done = exit_when_done
+        self._deadline = deadline
+        self._timeout_s = timeout_s
+
+    def on_tick(self) -> None:
+        service = self._service
+        if self._exit_when_done and service.complete() and service.exam_complete():
+            service._log_missed()
+            log.info("every report is in; stopping")
+            service.stop.set()
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            service.failure = DistillSwarmError(
+                f"run did not complete within {self._timeout_s:.0f}s"
+            )
+            service.stop.set()
 
 
 def restore_metrics(store: Store, metrics: MasterMetrics) -> None:

@@ -100,6 +100,41 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class WriteBatch:
+    """The writes of many messages in one transaction, committed once, before their acks.
+
+    Why: one commit (and fsync) per report capped the master's ingestion; one per batch of up to
+    64 does not (docs/performance.md). Other threads wait for the write lock meanwhile (a batch
+    takes milliseconds). Use from one thread only (:meth:`Store.write_batch`): ``with
+    batch.message(): ...`` around each message's writes, then :meth:`commit` before acking them.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._kept = 0  # messages whose writes wait in the open transaction
+
+    @contextmanager
+    def message(self) -> Iterator[None]:
+        """One message's writes: all kept, or none if the block raises."""
+        db = self._store._begin_batch()
+        db.execute("SAVEPOINT message")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO message")
+            db.execute("RELEASE message")
+            if self._kept == 0:
+                self._store._end_batch("ROLLBACK")  # nothing to keep: free the write lock now
+            raise
+        db.execute("RELEASE message")
+        self._kept += 1
+
+    def commit(self) -> None:
+        """Commit every message's writes since the last commit (nothing if none)."""
+        self._kept = 0
+        self._store._end_batch("COMMIT")
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     """One row of `distill-swarm status`."""
@@ -163,29 +198,12 @@ class Store:
             raise
         db.execute("COMMIT")
 
-    def defer_commits(self) -> None:
-        """Keep this thread's writes in one transaction until :meth:`commit_deferred`.
-
-        The master's report consumer calls this before each message and commits once per batch
-        of messages, just before the batch is acked: one commit for many reports instead of one
-        each (docs/performance.md), and nothing acked that is not committed. Other threads wait
-        for the write lock meanwhile (a batch takes milliseconds).
-        """
-        if not getattr(self._local, "deferred", False):
-            self._db().execute("BEGIN IMMEDIATE")
-            self._local.deferred = True
-
-    def commit_deferred(self) -> None:
-        """Commit what this thread wrote since :meth:`defer_commits` (nothing if none)."""
-        if not getattr(self._local, "deferred", False):
-            return
-        self._local.deferred = False
-        db = self._db()
-        try:
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            db.execute("ROLLBACK")
-            raise
+    def write_batch(self) -> WriteBatch:
+        """This thread's batch of writes: one transaction for the writes of many messages."""
+        batch = getattr(self._local, "batch", None)
+        if batch is None:
+            batch = self._local.batch = WriteBatch(self)
+        return batch
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection, for a sibling store of the same file (master/job_store)."""
@@ -194,6 +212,25 @@ class Store:
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT) on this thread's connection."""
         return self._tx()
+
+    def _begin_batch(self) -> sqlite3.Connection:
+        db = self._db()
+        if not getattr(self._local, "deferred", False):
+            db.execute("BEGIN IMMEDIATE")
+            self._local.deferred = True
+        return db
+
+    def _end_batch(self, outcome: str) -> None:
+        """COMMIT or ROLLBACK the open batch, if any."""
+        if not getattr(self._local, "deferred", False):
+            return
+        self._local.deferred = False
+        db = self._db()
+        try:
+            db.execute(outcome)
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close this thread's connection."""

@@ -36,7 +36,6 @@ from pupil_node.study.serving import LoraServing
 from shared import __version__
 from shared.adapter import AdapterTrainer
 from shared.backends import Embedder, GenerationParams, TextGenerator
-from shared.broker import Delivery
 from shared.checkpoint import load_latest, save_checkpoint
 from shared.config import LORA_METHODS, PupilConfig
 from shared.errors import EmbeddingMismatch
@@ -203,9 +202,10 @@ class PupilNode:
                 f"node {self.node_id} expects {self.reference_model} ({self.reference_dim} dims)"
             )
 
-    def process(self, delivery: Delivery) -> Outcome:
-        """Do one lesson; raises DecodeError (incl. EmbeddingMismatch) for a lesson to refuse."""
-        lesson = decode(delivery.body, Lesson)
+    def process(self, body: bytes) -> Outcome:
+        """Do one lesson (its encoded message); raises DecodeError (incl. EmbeddingMismatch) for
+        a lesson to refuse."""
+        lesson = decode(body, Lesson)
         self.check(lesson)
 
         # An exam repeats an eval lesson's id: the journal knows it by lesson and exam.

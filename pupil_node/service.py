@@ -30,7 +30,7 @@ from pupil_node.disk import StateWriteFailed
 from pupil_node.jobs import JobWorker
 from pupil_node.node import PupilNode
 from shared.backends import probe
-from shared.broker import Consumer, Delivery, Publisher
+from shared.broker import Broker, ConsumeOptions, Delivery, RabbitBroker
 from shared.config import Settings
 from shared.errors import EmbeddingMismatch, ModelDown, NodeIdInUse, QueueInUse
 from shared.health import Dependency
@@ -47,7 +47,7 @@ from shared.messages import (
     decode,
     encode,
 )
-from shared.metrics import PupilMetrics
+from shared.metrics import CountRejected, PupilMetrics
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,15 @@ class PupilService:
         node: PupilNode,
         stop: threading.Event | None = None,
         metrics: PupilMetrics | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.settings = settings
+        self.broker = broker or RabbitBroker(settings.broker)
         self.node = node
         self.metrics = metrics or PupilMetrics()
         self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
         self.stop = stop or threading.Event()
-        self.publisher = Publisher(settings.broker, self._declare, self.stop)
+        self.publisher = self.broker.publisher(self._declare, self.stop)
         # A full state disk stops a node's learning (its lessons wait): say so on /metrics.
         self.metrics.watch_free_space(node.state_free_bytes)
         health = settings.health
@@ -118,16 +120,16 @@ class PupilService:
         while not lessons_consumed.wait(KEEPALIVE_INTERVAL_S):
             if self.stop.is_set():
                 return
-        consumer = Consumer(
-            self.settings.broker,
+        queues = [self.topology.job_queue(kind) for kind in self.node.config.jobs]
+        consumer = self.broker.consumer(
             self.topology,
-            [self.topology.job_queue(kind) for kind in self.node.config.jobs],
+            queues,
             self.jobs.handle,
-            declare=self._declare_jobs,
-            on_dead_letter=lambda _delivery, reason: self.metrics.rejected("jobs", reason),
-            # One job at a time across all kinds: a busy node leaves the others to idle pupils.
-            shared_prefetch=True,
+            self._declare_jobs,
+            hooks=CountRejected(self.metrics, dict.fromkeys(queues, "jobs")),
             pause_while=(self.model,),
+            # One job at a time across all kinds: a busy node leaves the others to idle pupils.
+            options=ConsumeOptions(shared_prefetch=True),
         )
         try:
             consumer.run(self.stop)
@@ -161,7 +163,7 @@ class PupilService:
     def handle(self, delivery: Delivery) -> None:
         """Run the lesson flow, then publish the report; raising leaves the ack undone."""
         try:
-            outcome = self.node.process(delivery)
+            outcome = self.node.process(delivery.body)
         except EmbeddingMismatch as exc:
             self._report_refusal(delivery, str(exc))
             raise
@@ -213,18 +215,19 @@ class PupilService:
         """Say hello, consume lessons until stopped, say goodbye."""
         self._control(Hello(node=self.info()))
         self._next_heartbeat = time.monotonic() + self.node.config.heartbeat_interval_s
-        consumer = Consumer(
-            self.settings.broker,
+        queue = self.topology.pupil_queue(self.node.node_id)
+        consumer = self.broker.consumer(
             self.topology,
-            [self.topology.pupil_queue(self.node.node_id)],
+            [queue],
             self.handle,
-            declare=self._declare,
-            on_dead_letter=lambda _delivery, reason: self.metrics.rejected("lessons", reason),
+            self._declare,
+            hooks=CountRejected(self.metrics, {queue: "lessons"}),
             pause_while=(self.model, self.state_disk),
             # One process per node id: a second one (a cloned SD card) is refused by the broker
             # instead of silently taking half of this node's lessons.
-            exclusive=True,
-            in_use_wait_s=self.node.config.queue_in_use_wait_s,
+            options=ConsumeOptions(
+                exclusive=True, in_use_wait_s=self.node.config.queue_in_use_wait_s
+            ),
         )
         self.metrics.watch_connection(consumer.connected)
         threads = [threading.Thread(target=self._keepalive, name="keepalive", daemon=True)]

@@ -2,8 +2,8 @@
 
 Kept beside :mod:`shared.metrics` (same prefix, same registries) so the lesson metrics module does
 not grow a second subject. The ``kind`` label is bounded by the job catalogue (``shared.jobs``),
-``node`` by the master's node-label cap, ``by`` is ``pupil`` or ``master``, and ``reason`` is one
-of :data:`FALLBACK_REASONS`.
+``node`` by the master's node-label cap, ``by`` is ``pupil`` or ``master``, and ``reason`` is a
+:class:`~shared.jobs.Fallback` code.
 """
 
 from __future__ import annotations
@@ -12,18 +12,13 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.jobs import Fallback
 from shared.metrics import LLM_BUCKETS_S, PREFIX
 
 JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 # Why the master answered a job: a critical kind, nobody answered in time, a pupil said it failed.
-FALLBACK_REASONS = ("critical", "deadline", "pupil_failed", "unroutable")
-
-
-def fallback_class(fallback: str) -> str:
-    """The bounded class of a fallback text (``deadline: ...`` -> ``deadline``)."""
-    head = fallback.split(":", 1)[0].strip().replace(" ", "_")
-    return head if head in FALLBACK_REASONS else "pupil_failed"
+FALLBACK_REASONS = tuple(code.value for code in Fallback)
 
 
 class MasterJobMetrics:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from importlib import resources
 
 import jinja2
 
-from shared.errors import DecodeError
+from shared.errors import DecodeError, ReasonCode
 
 
 class InvalidJob(DecodeError):
@@ -29,6 +30,21 @@ class InvalidJob(DecodeError):
 
     A DecodeError: a consumer dead-letters such a job with the reason, and the submitter is told.
     """
+
+    code = ReasonCode.INVALID_JOB
+
+
+class Fallback(StrEnum):
+    """Why the master answered a job itself: a stable code beside the fallback's text.
+
+    The values are the `reason` label of ``distill_swarm_job_fallbacks_total``, which the
+    dashboard and alert rules (deploy/) know: never rename one.
+    """
+
+    CRITICAL = "critical"  # a critical kind: never offloaded
+    DEADLINE = "deadline"  # no pupil answered in time (or the deadline had passed on arrival)
+    PUPIL_FAILED = "pupil_failed"  # the pupil that took it reported an error
+    UNROUTABLE = "unroutable"  # no job queue for its kind (no pupil does it)
 
 
 @dataclass(frozen=True)

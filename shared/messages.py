@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.errors import DecodeError, one_line
+from shared.errors import DecodeError, NotJson, one_line
 
 SCHEMA_VERSION = 1
 
@@ -328,12 +328,12 @@ def decode(body: bytes, expected: type[Message] | None = None) -> Message:
     try:
         raw: Any = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"not valid JSON: {exc}") from None
+        raise NotJson(f"not valid JSON: {exc}") from None
     except RecursionError:
         # A body of 100k nested brackets fits under the size cap and exhausts the parser's stack.
-        raise DecodeError("not valid JSON: nested too deeply") from None
+        raise NotJson("not valid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
-        raise DecodeError(f"expected a JSON object, got {type(raw).__name__}")
+        raise NotJson(f"expected a JSON object, got {type(raw).__name__}")
     kind = raw.pop("kind", None)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:

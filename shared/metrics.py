@@ -1,4 +1,7 @@
-"""Prometheus metrics: every metric the master and the pupil nodes export, defined in one place.
+"""Prometheus metrics of the lesson flow and the services, for the master and the pupil nodes.
+
+Job offloading's metrics live beside these in :mod:`shared.job_metrics`, study rounds' in
+:mod:`shared.study_metrics` (same prefix, same registries).
 
 Names follow Prometheus' conventions: the prefix ``distill_swarm_``, base units (seconds),
 ``_total`` on counters (prometheus-client appends it). Two families:
@@ -16,7 +19,7 @@ defines.
 
 Recording happens at the edges of the lesson flow, from data the flow already produces: the
 pupil's :class:`~shared.messages.Report` (timings, loss, similarities), the reports and heartbeats
-the master ingests, the consumer's dead-letter callback and its ``connected`` event. The lesson
+the master ingests, the consumer's ``on_rejected`` hook and its ``connected`` event. The lesson
 flow itself (``pupil_node/node.py``) makes no metric calls.
 """
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar, get_args
 from wsgiref.simple_server import WSGIServer
@@ -45,15 +48,17 @@ from prometheus_client import (
 
 from shared import __version__
 from shared.backends import Embedder, GenerationParams, TextGenerator
+from shared.broker import ConsumerHooks, Delivery, Settlement
 from shared.config import GuidanceMethod
+from shared.errors import ReasonCode
 from shared.health import Dependency
 from shared.messages import NodeInfo, Report, decode
 
 log = logging.getLogger(__name__)
 
 # No `<name>_created` series beside every counter and histogram: Prometheus' text format turns them
-# into extra gauges nobody queries. (A process-wide switch in prometheus-client; every metric these
-# processes export is defined here.)
+# into extra gauges nobody queries. (A process-wide switch in prometheus-client: it applies to the
+# job and study metrics too.)
 disable_created_metrics()
 
 PREFIX = "distill_swarm_"
@@ -67,15 +72,22 @@ EMBED_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TRAIN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 SPLITS = ("train", "eval")
-# Why a message was dead-lettered, coarsely: a fixed set keeps the `reason` label bounded.
+# Why a message was dead-lettered, coarsely: a fixed set keeps the `reason` label bounded. The
+# values are what the dashboard and alert rules (deploy/) know: never rename one.
 REASON_INVALID = "invalid"  # did not decode or validate
 REASON_EMBEDDING_MISMATCH = "embedding_mismatch"  # a lesson from another embedding space
 REASON_HANDLER_ERROR = "handler_error"  # the handler crashed on it twice
 REJECT_REASONS = (REASON_INVALID, REASON_EMBEDDING_MISMATCH, REASON_HANDLER_ERROR)
-# The texts shared.broker and pupil_node.node put in those reasons (tests/unit/test_metrics.py
-# pins them, so a reworded message cannot silently land in the wrong class).
-HANDLER_FAILED_PREFIX = "handler failed:"
-EMBEDDING_MISMATCH_MARK = " is embedded with "
+# The `reason` label of each code a message can be dead-lettered with (shared.errors).
+REJECT_LABELS: dict[ReasonCode, str] = {
+    ReasonCode.TOO_LARGE: REASON_INVALID,
+    ReasonCode.BAD_JSON: REASON_INVALID,
+    ReasonCode.INVALID_MESSAGE: REASON_INVALID,
+    ReasonCode.INVALID_JOB: REASON_INVALID,
+    ReasonCode.WRONG_SENDER: REASON_INVALID,
+    ReasonCode.WRONG_EMBEDDING_SPACE: REASON_EMBEDDING_MISMATCH,
+    ReasonCode.HANDLER_ERROR: REASON_HANDLER_ERROR,
+}
 
 # `method` label of held-out similarity: the three figures every eval report carries, then each
 # guidance method measured on eval lessons. A `plain` guided answer is the plain answer again
@@ -88,15 +100,6 @@ HELDOUT_METHODS = (PLAIN, ADAPTER, GUIDED, *(m for m in get_args(GuidanceMethod)
 OTHER_NODE = "_other"
 
 _Metric = TypeVar("_Metric", Histogram, Gauge)
-
-
-def reason_class(reason: str) -> str:
-    """The bounded class of a dead-letter reason: one of :data:`REJECT_REASONS`."""
-    if reason.startswith(HANDLER_FAILED_PREFIX):
-        return REASON_HANDLER_ERROR
-    if EMBEDDING_MISMATCH_MARK in reason:
-        return REASON_EMBEDDING_MISMATCH
-    return REASON_INVALID
 
 
 def heldout_figures(report: Report) -> dict[str, float]:
@@ -172,9 +175,20 @@ class ServiceMetrics:
         """Report ``connected`` (a Consumer's event) as the broker_connected gauge."""
         self.broker_connected.set_function(lambda: 1.0 if connected.is_set() else 0.0)
 
-    def rejected(self, queue: str, reason: str) -> None:
-        """Count one dead-lettered message from a queue of kind ``queue``."""
-        self.messages_rejected.labels(queue, reason_class(reason)).inc()
+    def rejected(self, queue: str, code: ReasonCode) -> None:
+        """Count one message dead-lettered with ``code`` from a queue of kind ``queue``."""
+        self.messages_rejected.labels(queue, REJECT_LABELS[code]).inc()
+
+
+class CountRejected(ConsumerHooks):
+    """Consumer hooks that count dead letters; ``kinds`` maps each queue to its `queue` label."""
+
+    def __init__(self, metrics: ServiceMetrics, kinds: Mapping[str, str]) -> None:
+        self._metrics = metrics
+        self._kinds = dict(kinds)
+
+    def on_rejected(self, delivery: Delivery, settlement: Settlement) -> None:
+        self._metrics.rejected(self._kinds[delivery.queue], settlement.code)
 
 
 class ReportFigures:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-import shared.broker
+import shared.broker.worker
 from shared.broker import Consumer, Delivery, Publisher, Requeue
 from shared.config import BrokerConfig
 from shared.topology import Topology
@@ -38,7 +38,7 @@ def test_requeue_backoff_starts_afresh_after_a_success(
             step += 1
             yield 0.0
 
-    monkeypatch.setattr(shared.broker, "backoff_delays", recorded_delays)
+    monkeypatch.setattr(shared.broker.worker, "backoff_delays", recorded_delays)
     # "first" fails twice before it succeeds, "second" (sent after "first" was acked) once.
     failures_left = {"first": 2, "second": 1}
     handled: Counter[str] = Counter()

@@ -20,7 +20,7 @@ from shared.backends import Embedder, TextGenerator
 from shared.checkpoint import load_checkpoint
 from shared.config import PupilConfig
 from shared.metrics import PupilMetrics
-from tests.integration.test_pupil_node import delivery_of, models, report_of
+from tests.integration.test_pupil_node import lesson_body, models, report_of
 from tests.support.tmpfs import fill, require_tmpfs, small_tmpfs
 
 pytestmark = pytest.mark.models
@@ -66,9 +66,9 @@ def test_a_checkpoint_the_disk_refuses_is_rolled_back_and_the_lesson_requeued(
     state: Path, models: tuple[TextGenerator, Embedder]
 ) -> None:
     node = make_node(state, models)
-    node.process(delivery_of(models[1], "l1", "train"))
+    node.process(lesson_body(models[1], "l1", "train"))
     filler = fill(state, LEAVE_BYTES)
-    second = delivery_of(models[1], "l2", "train")
+    second = lesson_body(models[1], "l2", "train")
     # Twice: before the fix, the retry found the lesson "in the adapter already" (in memory
     # only) and reported it as trained while the checkpoint stayed at version 1.
     for _ in range(2):
@@ -104,19 +104,19 @@ def test_a_lesson_checkpointed_but_not_journalled_is_never_trained_again(
         (state / JOURNAL_NAME).symlink_to(journal_disk / JOURNAL_NAME)
         node = make_node(state, models)
         try:
-            node.process(delivery_of(models[1], "l0", "train"))
+            node.process(lesson_body(models[1], "l0", "train"))
             filler = fill(journal_disk)
             failures: list[Exception] = []
             for lesson_id in ("l1", "l2"):
                 with pytest.raises(Exception) as caught:
-                    node.process(delivery_of(models[1], lesson_id, "train"))
+                    node.process(lesson_body(models[1], lesson_id, "train"))
                 failures.append(caught.value)
             assert versions_on_disk(state) == (3, 3)  # both are in the checkpoints
             filler.unlink()
             # l1 comes back after l2 was trained (a dead letter moved back, a requeue behind a
             # prefetched lesson): the checkpoint's last lesson is l2, not l1.
             reports = [
-                node.process(delivery_of(models[1], lesson_id, "train"))
+                node.process(lesson_body(models[1], lesson_id, "train"))
                 for lesson_id in ("l1", "l2", "l1")
             ]
             for trainer in (node.trainer, node.prompt_trainer):
@@ -139,15 +139,15 @@ def test_below_min_free_bytes_the_node_takes_no_lesson_and_its_gauge_says_why(
     metrics = PupilMetrics()
     metrics.watch_free_space(node.state_free_bytes)
     try:
-        node.process(delivery_of(models[1], "l1", "train"))
+        node.process(lesson_body(models[1], "l1", "train"))
         filler = fill(state, 256 * 1024)
         free = metrics.registry.get_sample_value("distill_swarm_state_free_bytes")
         assert free is not None and 256 * 1024 <= free < 512 * 1024
         with pytest.raises(StateWriteFailed, match="min_free_bytes"):
-            node.process(delivery_of(models[1], "l2", "train"))
+            node.process(lesson_body(models[1], "l2", "train"))
         assert (node.trainer.version, node.journal.entry("l2")) == (1, None)
         filler.unlink()
-        assert report_of(node.process(delivery_of(models[1], "l2", "train")).report).trained
+        assert report_of(node.process(lesson_body(models[1], "l2", "train")).report).trained
         free_after = metrics.registry.get_sample_value("distill_swarm_state_free_bytes")
         assert free_after is not None and free_after > 512 * 1024
     finally:

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import pika
 import pytest
 
 from pupil_node.node import PupilNode
 from shared.backends import Embedder, TextGenerator, build_embedder, build_generator
-from shared.broker import Delivery
 from shared.config import PupilConfig
 from shared.errors import DecodeError, EmbeddingMismatch
 from shared.messages import Embedding, Lesson, Report, decode, encode
@@ -38,9 +36,9 @@ def make_node(tmp_path: Path, models: tuple[TextGenerator, Embedder]) -> PupilNo
     return PupilNode("a", config, *models)
 
 
-def delivery_of(
+def lesson_body(
     embedder: Embedder, lesson_id: str, split: Literal["train", "eval"], model: str | None = None
-) -> Delivery:
+) -> bytes:
     lesson = Lesson(
         lesson_id=lesson_id,
         task="qa",
@@ -53,16 +51,7 @@ def delivery_of(
         ),
         split=split,
     )
-    return Delivery(
-        queue="q",
-        body=encode(lesson),
-        message_id=lesson_id,
-        headers={},
-        redelivered=False,
-        delivery_tag=1,
-        generation=0,
-        properties=pika.BasicProperties(),
-    )
+    return encode(lesson)
 
 
 def report_of(body: bytes) -> Report:
@@ -74,15 +63,15 @@ def test_a_redelivered_lesson_is_not_trained_twice(
     tmp_path: Path, models: tuple[TextGenerator, Embedder]
 ) -> None:
     node = make_node(tmp_path, models)
-    delivery = delivery_of(models[1], "l1", "train")
-    first = node.process(delivery)
-    again = node.process(delivery)
+    body = lesson_body(models[1], "l1", "train")
+    first = node.process(body)
+    again = node.process(body)
     assert not first.replayed and again.replayed
     # Not confirmed yet: the same report goes out again; the master dedupes.
     assert again.report == first.report and not again.reported
     node.mark_reported("l1")
     # Confirmed: the redelivery is only acked, nothing goes on the wire again.
-    assert node.process(delivery).reported
+    assert node.process(body).reported
     assert node.trainer.version == 1
     report = report_of(first.report)
     assert report.trained and len(report.losses) == 3
@@ -93,13 +82,13 @@ def test_a_crash_between_checkpoint_and_journal_does_not_train_twice(
     tmp_path: Path, models: tuple[TextGenerator, Embedder]
 ) -> None:
     node = make_node(tmp_path, models)
-    delivery = delivery_of(models[1], "l1", "train")
-    node.process(delivery)
+    body = lesson_body(models[1], "l1", "train")
+    node.process(body)
     node.close()
     (tmp_path / "state" / "journal.sqlite3").unlink()  # as if we died before journalling
     restarted = make_node(tmp_path, models)
     assert restarted.trainer.version == 1  # the adapter came back from its checkpoint
-    outcome = restarted.process(delivery)
+    outcome = restarted.process(body)
     report = report_of(outcome.report)
     assert restarted.trainer.version == 1
     assert report.trained and report.losses == []
@@ -109,7 +98,7 @@ def test_eval_lessons_are_measured_but_never_learned(
     tmp_path: Path, models: tuple[TextGenerator, Embedder]
 ) -> None:
     node = make_node(tmp_path, models)
-    report = report_of(node.process(delivery_of(models[1], "e1", "eval")).report)
+    report = report_of(node.process(lesson_body(models[1], "e1", "eval")).report)
     assert not report.trained and report.losses == []
     assert report.similarity_adapted is not None
     assert node.trainer.version == 0 and len(node.trainer.replay) == 0
@@ -121,7 +110,7 @@ def test_a_lesson_from_another_embedding_space_is_refused(
 ) -> None:
     node = make_node(tmp_path, models)
     with pytest.raises(EmbeddingMismatch, match="expects all-minilm-l6-v2") as info:
-        node.process(delivery_of(models[1], "x1", "train", model="mxbai-embed-large"))
+        node.process(lesson_body(models[1], "x1", "train", model="mxbai-embed-large"))
     assert isinstance(info.value, DecodeError)  # so the consumer dead-letters it
     assert node.trainer.version == 0
 
@@ -133,11 +122,11 @@ def test_eval_prompts_never_enter_replay_memory_or_training(
     embedder = models[1]
     train_ids = ["t1", "t2", "t3"]
     for lesson_id in train_ids[:2]:
-        node.process(delivery_of(embedder, lesson_id, "train"))
+        node.process(lesson_body(embedder, lesson_id, "train"))
     # Retrieval and best-of-K run on the eval lesson, with the memory holding the train lessons.
-    evaluated = report_of(node.process(delivery_of(embedder, "e1", "eval")).report)
-    node.process(delivery_of(embedder, "t3", "train"))
-    node.process(delivery_of(embedder, "e2", "eval"))
+    evaluated = report_of(node.process(lesson_body(embedder, "e1", "eval")).report)
+    node.process(lesson_body(embedder, "t3", "train"))
+    node.process(lesson_body(embedder, "e2", "eval"))
 
     assert set(evaluated.guided) == {"best_of_k", "retrieval"}
     assert set(evaluated.guided_answers) == {"best_of_k", "retrieval"}

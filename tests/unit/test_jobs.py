@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from distill_swarm.client import split_payload
-from master.job_store import JobStore
+from master.job_store import JOB_SCHEMA, JobStore
 from master.jobs import is_sampled
 from master.prompts import load_prompts
 from master.store import Store
 from shared.config import load_settings
 from shared.errors import ConfigError, DecodeError
-from shared.job_metrics import FALLBACK_REASONS, fallback_class
-from shared.jobs import CRITICAL, KINDS, OFFLOADABLE, InvalidJob, render_goal
+from shared.job_metrics import FALLBACK_REASONS
+from shared.jobs import CRITICAL, KINDS, OFFLOADABLE, Fallback, InvalidJob, render_goal
 from shared.messages import Job, JobResult, decode, encode
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "master" / "prompt_sets" / "benchmark.jsonl"
@@ -172,25 +172,27 @@ def test_a_job_is_stored_once_and_answered_once(jobs: JobStore) -> None:
 
 def test_the_deadline_moves_a_job_to_the_master_once(jobs: JobStore) -> None:
     jobs.add(job(), "offloaded", None, "j-1")
-    assert jobs.to_master("j-1", "deadline: no pupil answered in time")
-    assert not jobs.to_master("j-1", "pupil failed: again")  # already the master's
+    assert jobs.to_master("j-1", Fallback.DEADLINE, "deadline: no pupil answered in time")
+    assert not jobs.to_master("j-1", Fallback.PUPIL_FAILED, "again")  # already the master's
     row = jobs.get("j-1")
     assert row is not None and row.state == "master"
-    assert row.fallback is not None and row.fallback.startswith("deadline")
+    assert row.fallback == "deadline: no pupil answered in time"
+    assert row.fallback_code is Fallback.DEADLINE
     assert [r.job_id for r in jobs.open_jobs()] == ["j-1"]
     # A pupil answering before the master does still wins, and the row says no fallback happened.
     assert jobs.finish(answer("pi-1"))
     row = jobs.get("j-1")
     assert row is not None and row.answered_by == "pi-1" and row.fallback is None
+    assert row.fallback_code is None
 
 
 def test_a_failed_answer_is_stored_as_failed(jobs: JobStore) -> None:
     jobs.add(job("legal_medical"), "master", None, "j-1")
-    assert jobs.get("j-1").fallback == "critical"  # type: ignore[union-attr]
+    assert jobs.get("j-1").fallback_code is Fallback.CRITICAL  # type: ignore[union-attr]
     assert jobs.finish(answer("master", "", error="backend down", fallback="critical"))
     row = jobs.get("j-1")
     assert row is not None and row.state == "failed" and row.error == "backend down"
-    assert not jobs.to_master("j-1", "deadline")
+    assert not jobs.to_master("j-1", Fallback.DEADLINE, "deadline")
 
 
 def test_agreement_is_averaged_per_kind_and_node(jobs: JobStore) -> None:
@@ -208,11 +210,35 @@ def test_agreement_is_averaged_per_kind_and_node(jobs: JobStore) -> None:
 # -- metrics and sampling ----------------------------------------------------------------------
 
 
-def test_fallback_reasons_map_to_a_bounded_label() -> None:
-    assert fallback_class("deadline: no pupil answered in time") == "deadline"
-    assert fallback_class("critical") == "critical"
-    assert fallback_class("pupil failed: pi-1: Ollama is down") == "pupil_failed"
-    assert fallback_class("something new") in FALLBACK_REASONS
+def test_fallback_labels_are_the_ones_the_dashboard_and_alerts_know() -> None:
+    assert FALLBACK_REASONS == ("critical", "deadline", "pupil_failed", "unroutable")
+
+
+def test_a_store_from_before_fallback_codes_gets_them_from_its_texts(tmp_path: Path) -> None:
+    store = Store(tmp_path / "old.sqlite3")
+    db = store.connection()
+    db.executescript(JOB_SCHEMA.replace("    fallback_code TEXT,", ""))
+    texts = [
+        "critical",
+        "deadline: no pupil answered in time",
+        "unroutable: no queue",
+        "pupil failed: x",
+    ]
+    for i, text in enumerate(texts):
+        db.execute(
+            "INSERT INTO jobs (job_id, kind, text, params, submitted_at, deadline, state, fallback)"
+            " VALUES (?, 'translation', 't', '{}', '2026-01-01T00:00:00+00:00',"
+            " '2026-01-01T00:00:00+00:00', 'master', ?)",
+            (f"j-{i}", text),
+        )
+    jobs = JobStore(store)
+    codes = [row.fallback_code for row in jobs.open_jobs()]
+    assert codes == [
+        Fallback.CRITICAL,
+        Fallback.DEADLINE,
+        Fallback.UNROUTABLE,
+        Fallback.PUPIL_FAILED,
+    ]
 
 
 def test_sampling_takes_about_the_configured_share_and_the_same_jobs_every_time() -> None:

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 from typing import cast
 
 import numpy as np
-import pika
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -18,9 +17,8 @@ from master.service import restore_metrics
 from master.store import Store
 from pupil_node.node import PupilNode
 from shared.backends import GenerationParams
-from shared.broker import Consumer, Delivery
-from shared.config import BrokerConfig
-from shared.errors import DecodeError, EmbeddingMismatch
+from shared.broker import Action, settlement_for
+from shared.errors import DEAD_LETTER_CODES, DecodeError, EmbeddingMismatch, ReasonCode
 from shared.messages import Embedding, Lesson, NodeInfo, Report, Timings, decode, encode
 from shared.metrics import (
     HELDOUT_METHODS,
@@ -28,12 +26,12 @@ from shared.metrics import (
     REASON_EMBEDDING_MISMATCH,
     REASON_HANDLER_ERROR,
     REASON_INVALID,
+    REJECT_LABELS,
+    REJECT_REASONS,
     MasterMetrics,
     PupilMetrics,
-    reason_class,
     serve,
 )
-from shared.topology import Topology
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -86,13 +84,22 @@ def node_info(node: str = "pi-7", lessons: int = 3) -> NodeInfo:
 # -- dead-letter reasons ----------------------------------------------------------------------
 
 
-def test_reason_classes_match_the_texts_the_flow_produces() -> None:
-    # The broker's reason for a handler that crashed twice.
-    consumer = Consumer(BrokerConfig(), Topology("t"), [], lambda d: None, declare=lambda c: None)
-    delivery = Delivery("q", b"{}", "m", {}, True, 1, 0, pika.BasicProperties())
-    action, reason = consumer._poison_or_retry(delivery, ValueError("boom"))
-    assert action == "dead"
-    assert reason_class(reason) == REASON_HANDLER_ERROR
+def test_every_dead_letter_code_has_a_label_the_dashboard_knows() -> None:
+    assert set(REJECT_LABELS) == DEAD_LETTER_CODES
+    assert set(REJECT_LABELS.values()) == set(REJECT_REASONS)
+    assert REJECT_REASONS == ("invalid", "embedding_mismatch", "handler_error")  # deploy/ uses them
+
+
+def label_of(exc: Exception) -> str:
+    """The `reason` label a consumer's dead letter of a handler raising ``exc`` counts under."""
+    settlement = settlement_for(exc, redelivered=True)
+    assert settlement.action is Action.DEAD_LETTER
+    return REJECT_LABELS[settlement.code]
+
+
+def test_reason_labels_come_from_the_codes_the_flow_raises() -> None:
+    # A handler that crashed twice.
+    assert label_of(ValueError("boom")) == REASON_HANDLER_ERROR
 
     # The node's reason for a lesson from another embedding space.
     lesson = Lesson(
@@ -108,12 +115,17 @@ def test_reason_classes_match_the_texts_the_flow_produces() -> None:
     stub = SimpleNamespace(reference_model="all-minilm-l6-v2", reference_dim=384, node_id="a")
     with pytest.raises(EmbeddingMismatch) as mismatch:
         PupilNode.check(cast(PupilNode, stub), lesson)
-    assert reason_class(str(mismatch.value)) == REASON_EMBEDDING_MISMATCH
+    assert label_of(mismatch.value) == REASON_EMBEDDING_MISMATCH
 
-    # Anything that failed to decode.
-    with pytest.raises(DecodeError) as invalid:
+    # Anything that failed to decode, whatever its text says.
+    with pytest.raises(DecodeError) as not_json:
         decode(b"not json")
-    assert reason_class(str(invalid.value)) == REASON_INVALID
+    assert not_json.value.code is ReasonCode.BAD_JSON
+    assert label_of(not_json.value) == REASON_INVALID
+    with pytest.raises(DecodeError) as invalid:
+        decode(b'{"kind": "lesson"}')
+    assert invalid.value.code is ReasonCode.INVALID_MESSAGE
+    assert label_of(DecodeError("handler failed: is embedded with")) == REASON_INVALID
 
 
 def test_every_rejection_series_exists_from_the_start() -> None:
@@ -121,7 +133,7 @@ def test_every_rejection_series_exists_from_the_start() -> None:
     name = "distill_swarm_messages_rejected_total"
     for reason in (REASON_INVALID, REASON_EMBEDDING_MISMATCH, REASON_HANDLER_ERROR):
         assert value(metrics.registry, name, queue="lessons", reason=reason) == 0
-    metrics.rejected("lessons", "handler failed: ValueError: boom")
+    metrics.rejected("lessons", ReasonCode.HANDLER_ERROR)
     assert value(metrics.registry, name, queue="lessons", reason=REASON_HANDLER_ERROR) == 1
 
 

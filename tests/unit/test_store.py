@@ -96,21 +96,32 @@ def test_status_means_use_eval_lessons_only(tmp_path: Path) -> None:
     assert row.latest_loss == 0.25
 
 
-def test_deferred_writes_are_invisible_until_committed_and_each_stays_atomic(
+def test_a_write_batch_is_invisible_until_committed_and_each_message_stays_atomic(
     tmp_path: Path,
 ) -> None:
     writer, reader = Store(tmp_path / "m.sqlite3"), Store(tmp_path / "m.sqlite3")
-    writer.defer_commits()
-    assert writer.add_report(report("l1", "a", "eval", 0.5, 0.6))
-    assert writer.add_report(report("l2", "a", "eval", 0.5, 0.6))
-    assert not writer.add_report(
-        report("l1", "a", "eval", 0.5, 0.6)
-    )  # a redelivery inside the batch, seen as one
-    with pytest.raises(sqlite3.IntegrityError):
+    batch = writer.write_batch()
+    with batch.message():
+        assert writer.add_report(report("l1", "a", "eval", 0.5, 0.6))
+    with batch.message():
+        assert writer.add_report(report("l2", "a", "eval", 0.5, 0.6))
+    with batch.message():  # a redelivery inside the batch, seen as one
+        assert not writer.add_report(report("l1", "a", "eval", 0.5, 0.6))
+    with pytest.raises(sqlite3.IntegrityError), batch.message():
+        writer.add_report(report("l9", "a", "eval", 0.5, 0.6))
         writer.add_report(report("l3", "a", "eval", 0.5, 0.6).model_copy(update={"split": None}))
     assert reader.report_count() == 0  # another connection sees nothing before the commit
-    writer.commit_deferred()
-    assert reader.report_count() == 2  # the failed write rolled back alone
+    batch.commit()
+    assert reader.report_count() == 2  # the failed message rolled back alone, l9 with it
     assert reader.delivery_counts()[("l1", "a")] == 2
-    writer.commit_deferred()  # nothing deferred: a no-op
+    batch.commit()  # nothing pending: a no-op
     assert writer.add_report(report("l4", "a", "eval", 0.5, 0.6)) and reader.report_count() == 3
+
+
+def test_a_batch_whose_only_message_failed_frees_the_write_lock_at_once(tmp_path: Path) -> None:
+    writer, other = Store(tmp_path / "m.sqlite3"), Store(tmp_path / "m.sqlite3")
+    with pytest.raises(ValueError), writer.write_batch().message():
+        writer.add_report(report("l1", "a", "eval", 0.5, 0.6))
+        raise ValueError("refused after a write")
+    assert other.add_report(report("l2", "a", "eval", 0.5, 0.6))  # no wait for a lock
+    assert other.report_count() == 1
