@@ -240,7 +240,8 @@ class MasterConfig(_Section):
     # 0.0.0.0 so its Prometheus container can scrape the master over the compose network.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
-    # At most this many distinct `node` label values; further nodes share the label `other`.
+    # At most this many distinct `node` label values; further nodes share the label `_other`
+    # (shared.metrics.OTHER_NODE: no node id can start with an underscore).
     metrics_max_nodes: int = Field(default=256, ge=1, le=100_000)
     generator: MasterGeneratorConfig = MasterGeneratorConfig()
     embedder: EmbedderConfig = EmbedderConfig()
