@@ -8,19 +8,18 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
+from shared.broker.stub import StubChannel
 from shared.config import BrokerConfig, MasterJobsConfig
 from shared.topology import Topology
 from tests.support.deploy_files import (
@@ -125,64 +124,6 @@ def test_rabbitmq_conf_loads_the_filled_definitions() -> None:
 # -- definitions.json against shared.topology -------------------------------------------------
 
 
-def _bind(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Arguments of a call as pika's own BlockingChannel method would receive them."""
-    bound = inspect.signature(method).bind(None, *args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
-
-
-class RecordingChannel:
-    """Stands in for a pika channel and records what a Topology declares."""
-
-    def __init__(self) -> None:
-        self.exchanges: dict[str, dict[str, Any]] = {}
-        self.queues: dict[str, dict[str, Any]] = {}
-        self.bindings: set[tuple[str, str, str, str]] = set()
-
-    @staticmethod
-    def _record(table: dict[str, dict[str, Any]], name: str, props: dict[str, Any]) -> None:
-        # Redeclaring with other properties is what the broker answers with PRECONDITION_FAILED.
-        assert table.setdefault(name, props) == props, f"{name} declared two different ways"
-
-    def exchange_declare(self, *args: Any, **kwargs: Any) -> None:
-        a = _bind(BlockingChannel.exchange_declare, args, kwargs)
-        assert not a["passive"]
-        kind = a["exchange_type"]
-        self._record(
-            self.exchanges,
-            a["exchange"],
-            {
-                "type": str(getattr(kind, "value", kind)),
-                "durable": a["durable"],
-                "auto_delete": a["auto_delete"],
-                "internal": a["internal"],
-                "arguments": dict(a["arguments"] or {}),
-            },
-        )
-
-    def queue_declare(self, *args: Any, **kwargs: Any) -> None:
-        a = _bind(BlockingChannel.queue_declare, args, kwargs)
-        assert not a["passive"]
-        self._record(
-            self.queues,
-            a["queue"],
-            {
-                "durable": a["durable"],
-                "exclusive": a["exclusive"],
-                "auto_delete": a["auto_delete"],
-                "arguments": dict(a["arguments"] or {}),
-            },
-        )
-
-    def queue_bind(self, *args: Any, **kwargs: Any) -> None:
-        a = _bind(BlockingChannel.queue_bind, args, kwargs)
-        # pika binds with the queue's name when no routing key is given.
-        key = a["queue"] if a["routing_key"] is None else a["routing_key"]
-        arguments = json.dumps(a["arguments"] or {}, sort_keys=True)
-        self.bindings.add((a["exchange"], a["queue"], key, arguments))
-
-
 def _default_topology() -> Topology:
     broker = BrokerConfig()
     assert broker.namespace == VHOST, "definitions.json is written for the `swarm` namespace"
@@ -190,11 +131,11 @@ def _default_topology() -> Topology:
     return Topology(broker.namespace, broker.quorum_queues, MasterJobsConfig().offloaded)
 
 
-def _declared_by_definitions() -> RecordingChannel:
-    """The definitions' exchanges/queues/bindings in the recorder's shape."""
+def _declared_by_definitions() -> StubChannel:
+    """The definitions' exchanges/queues/bindings in the stub channel's shape."""
     defs = definitions()
     assert [vhost["name"] for vhost in defs["vhosts"]] == [VHOST]
-    seen = RecordingChannel()
+    seen = StubChannel()
     for x in defs.get("exchanges", []):
         assert x["vhost"] == VHOST
         seen.exchanges[x["name"]] = {
@@ -220,7 +161,7 @@ def _declared_by_definitions() -> RecordingChannel:
 
 
 def test_predeclared_topology_matches_what_the_master_declares() -> None:
-    master = RecordingChannel()
+    master = StubChannel()
     _default_topology().declare_master(cast(BlockingChannel, master))
     defs = _declared_by_definitions()
     assert defs.exchanges == master.exchanges
@@ -234,7 +175,7 @@ def test_predeclared_topology_matches_what_the_master_declares() -> None:
 
 
 def test_predeclared_topology_agrees_with_what_a_pupil_declares() -> None:
-    pupil = RecordingChannel()
+    pupil = StubChannel()
     _default_topology().declare_pupil(cast(BlockingChannel, pupil), "pi-7")
     defs = _declared_by_definitions()
     for name, props in pupil.exchanges.items():
