@@ -40,7 +40,14 @@ from master.identity import IdentityCheck
 from master.job_store import JobRow, JobStore
 from shared.backends import Embedder, GenerationParams, TextGenerator
 from shared.backends.templates import render_prompt
-from shared.broker import Broker, ConsumerHooks, Delivery, RabbitBroker, broker_user
+from shared.broker import (
+    Broker,
+    ConsumerHooks,
+    Delivery,
+    MessageConsumer,
+    RabbitBroker,
+    broker_user,
+)
 from shared.config import Settings
 from shared.errors import DecodeError, PublishNotConfirmed, one_line
 from shared.health import Dependency
@@ -376,6 +383,18 @@ class JobDispatcher:
                 with self._deadlines_lock:
                     heapq.heappush(self._deadlines, (row.deadline.timestamp(), row.job_id))
 
+    def consumer(self) -> MessageConsumer:
+        """The consumer of submissions and pupils' results (:meth:`run` runs it)."""
+        # Like the report consumer, a window of master.prefetch (the broker's consumer config):
+        # a burst of submissions must not wait a broker round trip each.
+        return self.broker.consumer(
+            self.topology,
+            [self.topology.job_submissions_queue, self.topology.job_results_queue],
+            self.handle,
+            self.declare,
+            hooks=self._hooks,
+        )
+
     def run(self) -> None:
         """Consume submissions and results until ``stop``; the other threads live as long."""
         self.recover()
@@ -385,15 +404,7 @@ class JobDispatcher:
         ]
         for thread in threads:
             thread.start()
-        # Like the report consumer, a window of master.prefetch (the broker's consumer config):
-        # a burst of submissions must not wait a broker round trip each.
-        consumer = self.broker.consumer(
-            self.topology,
-            [self.topology.job_submissions_queue, self.topology.job_results_queue],
-            self.handle,
-            self.declare,
-            hooks=self._hooks,
-        )
+        consumer = self.consumer()
         try:
             consumer.run(self.stop)
         finally:

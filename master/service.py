@@ -25,7 +25,15 @@ from master.prompts import PromptItem
 from master.store import Store
 from master.teacher import Teacher
 from shared.backends import Embedder, TextGenerator, probe
-from shared.broker import Broker, Delivery, RabbitBroker, Settlement, broker_user
+from shared.broker import (
+    Broker,
+    ConsumerHooks,
+    Delivery,
+    MessageConsumer,
+    RabbitBroker,
+    Settlement,
+    broker_user,
+)
 from shared.config import Settings
 from shared.errors import DecodeError, DistillSwarmError, ModelDown
 from shared.health import Dependency
@@ -362,6 +370,21 @@ class MasterService:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def report_queue_kinds(self) -> dict[str, str]:
+        """The report consumer's queues, each with its `queue` label in the metrics."""
+        return {self.topology.reports_queue: "reports", self.topology.control_queue: "control"}
+
+    def report_consumer(self, hooks: ConsumerHooks | None = None) -> MessageConsumer:
+        """The consumer of reports and control messages; dead letters are counted by default."""
+        kinds = self.report_queue_kinds()
+        return self.broker.consumer(
+            self.topology,
+            list(kinds),
+            self.handle,
+            self.topology.declare_master,
+            hooks=hooks or CountRejected(self.metrics, kinds),
+        )
+
     def run(self, exit_when_done: bool = False, timeout_s: float | None = None) -> None:
         """Serve until stopped (or, with ``exit_when_done``, until every report is in).
 
@@ -385,13 +408,7 @@ class MasterService:
                 self.failure = self.failure or exc
                 self.stop.set()
 
-        consumer = self.broker.consumer(
-            self.topology,
-            [self.topology.reports_queue, self.topology.control_queue],
-            self.handle,
-            self.topology.declare_master,
-            hooks=_RunHooks(self, exit_when_done, deadline, timeout_s),
-        )
+        consumer = self.report_consumer(_RunHooks(self, exit_when_done, deadline, timeout_s))
         self.metrics.watch_connection(consumer.connected)
         threads = [
             threading.Thread(target=publish, name="publisher", daemon=True),
@@ -422,9 +439,7 @@ class _RunHooks(CountRejected):
         deadline: float | None,
         timeout_s: float | None,
     ) -> None:
-        topology = service.topology
-        kinds = {topology.reports_queue: "reports", topology.control_queue: "control"}
-        super().__init__(service.metrics, kinds)
+        super().__init__(service.metrics, service.report_queue_kinds())
         self._service = service
         self._exit_when_done = exit_when_done
         self._deadline = deadline

@@ -30,7 +30,7 @@ from pupil_node.disk import StateWriteFailed
 from pupil_node.jobs import JobWorker
 from pupil_node.node import PupilNode
 from shared.backends import probe
-from shared.broker import Broker, ConsumeOptions, Delivery, RabbitBroker
+from shared.broker import Broker, ConsumeOptions, Delivery, MessageConsumer, RabbitBroker
 from shared.config import Settings
 from shared.errors import EmbeddingMismatch, ModelDown, NodeIdInUse, QueueInUse
 from shared.health import Dependency
@@ -120,8 +120,17 @@ class PupilService:
         while not lessons_consumed.wait(KEEPALIVE_INTERVAL_S):
             if self.stop.is_set():
                 return
+        consumer = self.job_consumer()
+        try:
+            consumer.run(self.stop)
+        except BaseException as exc:
+            self._failure = exc
+            self.stop.set()
+
+    def job_consumer(self) -> MessageConsumer:
+        """The consumer of the job queues of ``pupil.jobs``, paused while the model is down."""
         queues = [self.topology.job_queue(kind) for kind in self.node.config.jobs]
-        consumer = self.broker.consumer(
+        return self.broker.consumer(
             self.topology,
             queues,
             self.jobs.handle,
@@ -131,11 +140,23 @@ class PupilService:
             # One job at a time across all kinds: a busy node leaves the others to idle pupils.
             options=ConsumeOptions(shared_prefetch=True),
         )
-        try:
-            consumer.run(self.stop)
-        except BaseException as exc:
-            self._failure = exc
-            self.stop.set()
+
+    def lesson_consumer(self) -> MessageConsumer:
+        """The consumer of this node's lesson queue, paused while the model or disk is down."""
+        queue = self.topology.pupil_queue(self.node.node_id)
+        return self.broker.consumer(
+            self.topology,
+            [queue],
+            self.handle,
+            self._declare,
+            hooks=CountRejected(self.metrics, {queue: "lessons"}),
+            pause_while=(self.model, self.state_disk),
+            # One process per node id: a second one (a cloned SD card) is refused by the broker
+            # instead of silently taking half of this node's lessons.
+            options=ConsumeOptions(
+                exclusive=True, in_use_wait_s=self.node.config.queue_in_use_wait_s
+            ),
+        )
 
     def info(self) -> NodeInfo:
         """The node's hello/heartbeat facts, with its state (``model down`` during an outage)."""
@@ -215,20 +236,7 @@ class PupilService:
         """Say hello, consume lessons until stopped, say goodbye."""
         self._control(Hello(node=self.info()))
         self._next_heartbeat = time.monotonic() + self.node.config.heartbeat_interval_s
-        queue = self.topology.pupil_queue(self.node.node_id)
-        consumer = self.broker.consumer(
-            self.topology,
-            [queue],
-            self.handle,
-            self._declare,
-            hooks=CountRejected(self.metrics, {queue: "lessons"}),
-            pause_while=(self.model, self.state_disk),
-            # One process per node id: a second one (a cloned SD card) is refused by the broker
-            # instead of silently taking half of this node's lessons.
-            options=ConsumeOptions(
-                exclusive=True, in_use_wait_s=self.node.config.queue_in_use_wait_s
-            ),
-        )
+        consumer = self.lesson_consumer()
         self.metrics.watch_connection(consumer.connected)
         threads = [threading.Thread(target=self._keepalive, name="keepalive", daemon=True)]
         if self.node.config.jobs:
