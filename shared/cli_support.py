@@ -43,7 +43,7 @@ class ExitCode(IntEnum):
 def setup_logging(level: str = "INFO") -> None:
     """One-line log records on stderr; pika speaks only at ``DEBUG``.
 
-    Every pika failure is caught at the broker boundary (shared/broker.py) and logged there once,
+    Every pika failure is caught at the broker boundary (shared/broker/) and logged there once,
     in one line that says what happens next ("retrying in 2.1s"). pika's own records of the same
     failure are ERROR-level tracebacks, 13-80 lines each, that bury that line, so they are shown
     only when debugging.

@@ -6,7 +6,7 @@ work fails with one of its outage errors (:class:`shared.errors.DependencyDown`,
 
 - one prober thread per dependency asks it (a cheap ``probe``) whether it is back, with capped,
   jittered exponential backoff that starts afresh with every outage;
-- every consumer that pauses on it (``Consumer(pause_while=...)``) keeps the message it holds
+- every consumer that pauses on it (``pause_while`` of a consumer) keeps the message it holds
   unacked, takes no new ones, and retries the held one once the probe succeeds;
 - other callers (the master's lesson publisher and job answerer) wait with :meth:`Dependency.call`;
 - listeners (metrics, the node state a pupil sends in its heartbeats) hear of each change.

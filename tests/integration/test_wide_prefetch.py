@@ -1,6 +1,6 @@
 """A consumer with a wide prefetch window against a real RabbitMQ: every message settled once.
 
-Fast handlers' acks go out as multiple-acks (shared/broker.py); this checks that, with a
+Fast handlers' acks go out as multiple-acks (shared/broker/worker.py); this checks that, with a
 refused and a requeued message among hundreds, nothing is acked that was not handled, nothing is
 left unacked, and the refused one is dead-lettered with its reason.
 """
