@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from master.store import Store
-from shared.broker import MessagePublisher
+from shared.broker import Publisher
 from shared.messages import Lesson, Report, encode, new_id, utc_now
 from shared.topology import Topology
 
@@ -150,7 +150,7 @@ def eval_lessons(store: Store, lesson_ids: Sequence[str] | None = None) -> list[
 def publish_exam(
     store: Store,
     exams: ExamStore,
-    publisher: MessagePublisher,
+    publisher: Publisher,
     topology: Topology,
     lesson_ids: Sequence[str] | None = None,
 ) -> Exam:

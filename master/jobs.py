@@ -46,6 +46,7 @@ from shared.broker import (
     Delivery,
     MessageConsumer,
     RabbitBroker,
+    Subscription,
     broker_user,
 )
 from shared.config import Settings
@@ -387,12 +388,10 @@ class JobDispatcher:
         """The consumer of submissions and pupils' results (:meth:`run` runs it)."""
         # Like the report consumer, a window of master.prefetch (the broker's consumer config):
         # a burst of submissions must not wait a broker round trip each.
+        queues = [self.topology.job_submissions_queue, self.topology.job_results_queue]
+        hooks = self._hooks or ConsumerHooks()
         return self.broker.consumer(
-            self.topology,
-            [self.topology.job_submissions_queue, self.topology.job_results_queue],
-            self.handle,
-            self.declare,
-            hooks=self._hooks,
+            Subscription(self.topology, queues, self.handle, self.declare, hooks)
         )
 
     def run(self) -> None:

@@ -32,6 +32,7 @@ from shared.broker import (
     MessageConsumer,
     RabbitBroker,
     Settlement,
+    Subscription,
     broker_user,
 )
 from shared.config import Settings
@@ -377,12 +378,10 @@ class MasterService:
     def report_consumer(self, hooks: ConsumerHooks | None = None) -> MessageConsumer:
         """The consumer of reports and control messages; dead letters are counted by default."""
         kinds = self.report_queue_kinds()
+        hooks = hooks or CountRejected(self.metrics, kinds)
+        declare = self.topology.declare_master
         return self.broker.consumer(
-            self.topology,
-            list(kinds),
-            self.handle,
-            self.topology.declare_master,
-            hooks=hooks or CountRejected(self.metrics, kinds),
+            Subscription(self.topology, list(kinds), self.handle, declare, hooks)
         )
 
     def run(self, exit_when_done: bool = False, timeout_s: float | None = None) -> None:

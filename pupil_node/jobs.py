@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 
 from pupil_node.node import PupilNode
-from shared.broker import Delivery, MessagePublisher
+from shared.broker import Delivery, Publisher
 from shared.errors import BackendError, DecodeError, ModelDown, one_line
 from shared.health import Dependency
 from shared.job_metrics import PupilJobMetrics
@@ -42,7 +42,7 @@ class JobWorker:
     def __init__(
         self,
         node: PupilNode,
-        publisher: MessagePublisher,
+        publisher: Publisher,
         topology: Topology,
         metrics: PupilJobMetrics,
         model: Dependency | None = None,

@@ -30,7 +30,14 @@ from pupil_node.disk import StateWriteFailed
 from pupil_node.jobs import JobWorker
 from pupil_node.node import PupilNode
 from shared.backends import probe
-from shared.broker import Broker, ConsumeOptions, Delivery, MessageConsumer, RabbitBroker
+from shared.broker import (
+    Broker,
+    ConsumeOptions,
+    Delivery,
+    MessageConsumer,
+    RabbitBroker,
+    Subscription,
+)
 from shared.config import Settings
 from shared.errors import EmbeddingMismatch, ModelDown, NodeIdInUse, QueueInUse
 from shared.health import Dependency
@@ -130,33 +137,32 @@ class PupilService:
     def job_consumer(self) -> MessageConsumer:
         """The consumer of the job queues of ``pupil.jobs``, paused while the model is down."""
         queues = [self.topology.job_queue(kind) for kind in self.node.config.jobs]
+        counted = CountRejected(self.metrics, dict.fromkeys(queues, "jobs"))
+        # One job at a time across all kinds: a busy node leaves the others to idle pupils.
+        one_job = ConsumeOptions(shared_prefetch=True)
         return self.broker.consumer(
-            self.topology,
-            queues,
-            self.jobs.handle,
-            self._declare_jobs,
-            hooks=CountRejected(self.metrics, dict.fromkeys(queues, "jobs")),
-            pause_while=(self.model,),
-            # One job at a time across all kinds: a busy node leaves the others to idle pupils.
-            options=ConsumeOptions(shared_prefetch=True),
-        )
+            Subscription(
+                self.topology, queues, self.jobs.handle, self._declare_jobs, counted,
+                pause_while=(self.model,), options=one_job,
+            )
+        )  # fmt: skip
 
     def lesson_consumer(self) -> MessageConsumer:
         """The consumer of this node's lesson queue, paused while the model or disk is down."""
         queue = self.topology.pupil_queue(self.node.node_id)
-        return self.broker.consumer(
+        # One process per node id: a second one (a cloned SD card) is refused by the broker
+        # instead of silently taking half of this node's lessons.
+        alone = ConsumeOptions(exclusive=True, in_use_wait_s=self.node.config.queue_in_use_wait_s)
+        subscription = Subscription(
             self.topology,
             [queue],
             self.handle,
             self._declare,
-            hooks=CountRejected(self.metrics, {queue: "lessons"}),
+            CountRejected(self.metrics, {queue: "lessons"}),
             pause_while=(self.model, self.state_disk),
-            # One process per node id: a second one (a cloned SD card) is refused by the broker
-            # instead of silently taking half of this node's lessons.
-            options=ConsumeOptions(
-                exclusive=True, in_use_wait_s=self.node.config.queue_in_use_wait_s
-            ),
+            options=alone,
         )
+        return self.broker.consumer(subscription)
 
     def info(self) -> NodeInfo:
         """The node's hello/heartbeat facts, with its state (``model down`` during an outage)."""

@@ -9,7 +9,7 @@ for every broker), :mod:`~shared.broker.consumer` (RabbitMQ's I/O thread),
 :class:`shared.errors.BrokerError` kinds.
 """
 
-from shared.broker.base import Broker, MessageConsumer, MessagePublisher, RabbitBroker
+from shared.broker.base import Broker, MessageConsumer, RabbitBroker
 from shared.broker.connection import (
     backoff_delays,
     broker_user,
@@ -20,7 +20,7 @@ from shared.broker.connection import (
     purge,
     redact,
 )
-from shared.broker.consumer import ConsumeOptions, Consumer
+from shared.broker.consumer import ConsumeOptions, Consumer, Subscription
 from shared.broker.hooks import ConsumerHooks
 from shared.broker.publisher import Publisher
 from shared.broker.settlement import (
@@ -42,12 +42,12 @@ __all__ = [
     "Delivery",
     "Handler",
     "MessageConsumer",
-    "MessagePublisher",
     "PendingWrites",
     "Publisher",
     "RabbitBroker",
     "Requeue",
     "Settlement",
+    "Subscription",
     "backoff_delays",
     "broker_user",
     "close_quietly",

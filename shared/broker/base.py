@@ -3,40 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from shared.broker.consumer import ConsumeOptions, Consumer
-from shared.broker.hooks import ConsumerHooks
+from shared.broker.consumer import Consumer, Subscription
 from shared.broker.publisher import Publisher
-from shared.broker.settlement import Handler
 from shared.config import BrokerConfig
-from shared.topology import Topology
 
-if TYPE_CHECKING:
-    from shared.health import Dependency
-
-# Declares what a publisher or consumer needs on a fresh channel (Topology.declare_*).
+# Declares what a publisher needs on a fresh channel (Topology.declare_*).
 Declare = Callable[[Any], object]
-
-
-class MessagePublisher(Protocol):
-    """Publishes and returns once the broker has the message (:class:`Publisher`)."""
-
-    def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        message_id: str,
-        headers: Mapping[str, Any] | None = None,
-        mandatory: bool = True,
-        **props: Any,
-    ) -> None: ...
-
-    def pump(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class MessageConsumer(Protocol):
@@ -52,18 +27,9 @@ class Broker(Protocol):
 
     def publisher(
         self, declare: Declare | None = None, stop: threading.Event | None = None
-    ) -> MessagePublisher: ...
+    ) -> Publisher: ...
 
-    def consumer(
-        self,
-        topology: Topology,
-        queues: list[str],
-        handler: Handler,
-        declare: Declare,
-        hooks: ConsumerHooks | None = None,
-        pause_while: Sequence[Dependency] = (),
-        options: ConsumeOptions | None = None,
-    ) -> MessageConsumer: ...
+    def consumer(self, subscription: Subscription) -> MessageConsumer: ...
 
 
 class RabbitBroker:
@@ -83,17 +49,10 @@ class RabbitBroker:
         """A confirming publisher (it connects on its first publish)."""
         return Publisher(self.config, declare, stop)
 
-    def consumer(
-        self,
-        topology: Topology,
-        queues: list[str],
-        handler: Handler,
-        declare: Declare,
-        hooks: ConsumerHooks | None = None,
-        pause_while: Sequence[Dependency] = (),
-        options: ConsumeOptions | None = None,
-    ) -> Consumer:
-        """A consumer of ``queues`` (it connects in ``run``)."""
+    def consumer(self, subscription: Subscription) -> Consumer:
+        """A consumer of ``subscription`` (it connects in ``run``)."""
+        s = subscription
         return Consumer(
-            self.consumer_config, topology, queues, handler, declare, hooks, pause_while, options
-        )
+            self.consumer_config, s.topology, s.queues, s.handler, s.declare, s.hooks,
+            s.pause_while, s.options,
+        )  # fmt: skip

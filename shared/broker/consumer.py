@@ -9,8 +9,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.exceptions as pex
@@ -59,23 +59,17 @@ class ConsumeOptions:
     in_use_wait_s: float = 0.0
 
 
-class SettlingChannel(Protocol):
-    """The part of a pika channel that settles deliveries (the stub broker has one too)."""
+@dataclass(frozen=True)
+class Subscription:
+    """What a consumer consumes, what it calls, and how: one service's side of a consumer."""
 
-    def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None: ...
-
-    def basic_nack(
-        self, delivery_tag: int = 0, multiple: bool = False, requeue: bool = True
-    ) -> None: ...
-
-    def basic_publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        properties: pika.BasicProperties | None = None,
-        mandatory: bool = False,
-    ) -> None: ...
+    topology: Topology
+    queues: list[str]
+    handler: Handler
+    declare: Callable[[Any], object]  # declares what it consumes on each new channel
+    hooks: ConsumerHooks = field(default_factory=ConsumerHooks)
+    pause_while: Sequence[Dependency] = ()
+    options: ConsumeOptions = field(default_factory=ConsumeOptions)
 
 
 class _QueueInUse(Exception):
@@ -153,13 +147,8 @@ class Consumer:
         options: ConsumeOptions | None = None,
     ) -> None:
         self._config = config
-        self._topology = topology
-        self._queues = queues
-        self._declare = declare
-        self._hooks = hooks or ConsumerHooks()
-        self._options = options or ConsumeOptions()
-        self._handler = handler
-        self._pause_while = pause_while
+        hooks, options = hooks or ConsumerHooks(), options or ConsumeOptions()
+        self._sub = Subscription(topology, queues, handler, declare, hooks, pause_while, options)
         self._work: queue.Queue[Delivery | None] = queue.Queue()
         self._generation = 0
         self._connection: BlockingConnection | None = None
@@ -175,7 +164,7 @@ class Consumer:
         Raises ConnectionClosed only if the *first* connection fails ``broker.connect_attempts``
         times; after that, the broker is waited for until ``stop`` is set.
         """
-        handler = Worker(self._handler, stop, self._config.max_backoff_s, self._pause_while)
+        handler = Worker(self._sub.handler, stop, self._config.max_backoff_s, self._sub.pause_while)
         worker = threading.Thread(
             target=handler.run,
             args=(self._work, self._current, self._schedule_settle),
@@ -224,17 +213,17 @@ class Consumer:
         self._connected_once = True
         channel = self._connection.channel()
         channel.confirm_delivery()  # dead-letter publishes are confirmed before the ack
-        self._declare(channel)
+        self._sub.declare(channel)
         channel.basic_qos(
-            prefetch_count=self._config.prefetch, global_qos=self._options.shared_prefetch
+            prefetch_count=self._config.prefetch, global_qos=self._sub.options.shared_prefetch
         )
-        for name in self._queues:
+        for name in self._sub.queues:
             try:
                 channel.basic_consume(
                     name,
                     functools.partial(self._on_message, name),
                     auto_ack=False,
-                    exclusive=self._options.exclusive,
+                    exclusive=self._sub.options.exclusive,
                 )
             except pex.ChannelClosedByBroker as exc:
                 # RabbitMQ refuses a consumer on a queue that has an exclusive one, and an
@@ -245,14 +234,14 @@ class Consumer:
         self._in_use_since = None
         self._channel = channel
         self.connected.set()
-        log.info("consuming %s", ", ".join(self._queues))
+        log.info("consuming %s", ", ".join(self._sub.queues))
         next_tick = time.monotonic()
         while not stop.is_set():
             self._connection.process_data_events(time_limit=POLL_INTERVAL_S)
-            _check_consuming(channel, len(self._queues))
+            _check_consuming(channel, len(self._sub.queues))
             if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + self._hooks.tick_interval_s
-                self._hooks.on_tick()
+                next_tick = time.monotonic() + self._sub.hooks.tick_interval_s
+                self._sub.hooks.on_tick()
 
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -266,7 +255,7 @@ class Consumer:
             self._in_use_since = now
             self._in_use_delays = backoff_delays(self._config.max_backoff_s)
         assert self._in_use_delays is not None
-        left_s = self._options.in_use_wait_s - (now - self._in_use_since)
+        left_s = self._sub.options.in_use_wait_s - (now - self._in_use_since)
         if left_s <= 0:
             self._close()
             raise QueueInUse(
@@ -318,11 +307,11 @@ class Consumer:
         if channel is None or not channel.is_open:
             return  # the broker redelivers whatever was not settled
         current = [(d, s) for d, s in done if self._current(d)]
-        send_settlements(channel, self._topology, current, self._hooks)
+        send_settlements(channel, self._sub.topology, current, self._sub.hooks)
 
 
 def send_settlements(
-    channel: SettlingChannel, topology: Topology, done: Settled, hooks: ConsumerHooks
+    channel: BlockingChannel, topology: Topology, done: Settled, hooks: ConsumerHooks
 ) -> None:
     """Settle handled deliveries on ``channel`` in the order they arrived.
 
@@ -349,7 +338,7 @@ def send_settlements(
 
 
 def _dead_letter(
-    channel: SettlingChannel, topology: Topology, delivery: Delivery, settlement: Settlement
+    channel: BlockingChannel, topology: Topology, delivery: Delivery, settlement: Settlement
 ) -> None:
     reason = one_line(settlement.text)  # it may quote the message itself, or any exception's text
     log.warning(

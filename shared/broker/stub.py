@@ -16,24 +16,19 @@ import json
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pika
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
-from shared.broker.connection import properties
-from shared.broker.consumer import ConsumeOptions, send_settlements
-from shared.broker.hooks import ConsumerHooks
-from shared.broker.settlement import Delivery, Handler
+from shared.broker.consumer import Subscription, send_settlements
+from shared.broker.publisher import Publisher
+from shared.broker.settlement import Delivery
 from shared.broker.worker import Worker
-from shared.errors import PublishNotConfirmed
-from shared.topology import Topology
-
-if TYPE_CHECKING:
-    from shared.health import Dependency
+from shared.config import BrokerConfig
 
 # AMQP reply codes the stub answers with, as RabbitMQ would.
 NOT_FOUND = 404
@@ -219,58 +214,35 @@ class StubChannel:
         self.messages[queue_name].clear()
 
 
-class StubPublisher:
-    """:class:`~shared.broker.publisher.Publisher`'s interface on a :class:`StubChannel`."""
+class StubPublisher(Publisher):
+    """The real :class:`~shared.broker.publisher.Publisher`, on a :class:`StubChannel`."""
 
-    def __init__(self, channel: StubChannel, user_id: str | None = None) -> None:
-        self._channel = channel
-        self._user_id = user_id
-
-    def publish(
+    def __init__(
         self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        message_id: str,
-        headers: Mapping[str, Any] | None = None,
-        mandatory: bool = True,
-        **props: Any,
+        channel: StubChannel,
+        config: BrokerConfig,
+        declare: Callable[[Any], object] | None = None,
     ) -> None:
-        """Route the message at once; PublishNotConfirmed if ``mandatory`` and unroutable."""
-        sent = properties(message_id, headers, **{"user_id": self._user_id, **props})
-        try:
-            self._channel.basic_publish(exchange, routing_key, body, sent, mandatory=mandatory)
-        except pex.UnroutableError:
-            raise PublishNotConfirmed(
-                f"no queue is bound to exchange '{exchange}' with key '{routing_key}'"
-            ) from None
+        super().__init__(config, declare)
+        self._stub = channel
 
-    def pump(self) -> None:
-        """Nothing to keep alive."""
-
-    def close(self) -> None:
-        """Nothing to close."""
+    def _ensure_channel(self) -> BlockingChannel:
+        if self._channel is None:
+            if self._declare is not None:
+                self._declare(self._stub)
+            self._channel = self._stub
+        return self._channel
 
 
 class StubConsumer:
     """A consumer of stub queues: the real worker and settling, run by :meth:`drain`."""
 
-    def __init__(
-        self,
-        channel: StubChannel,
-        topology: Topology,
-        queues: list[str],
-        handler: Handler,
-        hooks: ConsumerHooks,
-        pause_while: Sequence[Dependency],
-    ) -> None:
+    def __init__(self, channel: StubChannel, subscription: Subscription) -> None:
         self._channel = channel
-        self._topology = topology
-        self._queues = queues
-        self._hooks = hooks
+        self._subscription = subscription
         self._stop = threading.Event()
         # No backoff: a stub requeue is redelivered by the next round of the drain.
-        self._worker = Worker(handler, self._stop, 0.0, pause_while)
+        self._worker = Worker(subscription.handler, self._stop, 0.0, subscription.pause_while)
         self.connected = threading.Event()
         self.connected.set()
 
@@ -279,7 +251,7 @@ class StubConsumer:
         delivered = 0
         while delivered < MAX_DRAIN_DELIVERIES:
             work: queue.Queue[Delivery | None] = queue.Queue()
-            for name in self._queues:
+            for name in self._subscription.queues:
                 while (taken := self._channel.take(name)) is not None:
                     work.put(_delivery(name, *taken))
                     delivered += 1
@@ -290,13 +262,14 @@ class StubConsumer:
         return delivered
 
     def _send(self, done: list[Any]) -> None:
-        send_settlements(self._channel, self._topology, done, self._hooks)
+        subscription = self._subscription
+        send_settlements(self._channel, subscription.topology, done, subscription.hooks)
 
     def run(self, stop: threading.Event) -> None:
         """Drain and tick until ``stop`` is set (a service's ``run`` on the stub)."""
         while not stop.is_set():
             self.drain()
-            self._hooks.on_tick()
+            self._subscription.hooks.on_tick()
             stop.wait(0.01)
 
 
@@ -315,35 +288,25 @@ def _delivery(queue_name: str, tag: int, message: StubMessage) -> Delivery:
 
 
 class StubBroker:
-    """A whole broker in memory; ``channel`` holds its queues, bindings and frames."""
+    """A whole broker in memory; ``channel`` holds its queues, bindings and frames.
 
-    def __init__(self, user_id: str | None = None) -> None:
+    Publishers send as the user of ``config.url``, as a real broker connection does.
+    """
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
         self.channel = StubChannel()
-        self.user_id = user_id  # the broker user every stub publisher sends as
+        self.config = config or BrokerConfig()
 
     def publisher(
         self, declare: Callable[[Any], object] | None = None, stop: threading.Event | None = None
     ) -> StubPublisher:
-        """A publisher on this broker, after ``declare`` ran on its channel."""
-        if declare is not None:
-            declare(self.channel)
-        return StubPublisher(self.channel, self.user_id)
+        """A publisher on this broker; ``declare`` runs on its channel before the first publish."""
+        return StubPublisher(self.channel, self.config, declare)
 
-    def consumer(
-        self,
-        topology: Topology,
-        queues: list[str],
-        handler: Handler,
-        declare: Callable[[Any], object],
-        hooks: ConsumerHooks | None = None,
-        pause_while: Sequence[Dependency] = (),
-        options: ConsumeOptions | None = None,
-    ) -> StubConsumer:
-        """A consumer of ``queues``, after ``declare`` ran on this broker's channel."""
-        declare(self.channel)
-        return StubConsumer(
-            self.channel, topology, queues, handler, hooks or ConsumerHooks(), pause_while
-        )
+    def consumer(self, subscription: Subscription) -> StubConsumer:
+        """A consumer of ``subscription``, after its ``declare`` ran on this broker's channel."""
+        subscription.declare(self.channel)
+        return StubConsumer(self.channel, subscription)
 
     def queued(self, queue_name: str) -> list[StubMessage]:
         """The messages waiting in a queue (e.g. ``topology.dead_queue``), oldest first."""

@@ -18,7 +18,7 @@ from master.service import MasterService
 from master.store import Store
 from pupil_node.node import PupilNode
 from pupil_node.service import PupilService
-from shared.broker import MessageConsumer, broker_user
+from shared.broker import MessageConsumer
 from shared.broker.stub import StubBroker, StubConsumer
 from shared.config import BrokerConfig, MasterConfig, PupilConfig, Settings
 
@@ -49,7 +49,7 @@ class StubSwarm:
     root: Path
     master_fields: dict[str, Any] = field(default_factory=dict)
     # Everything is sent as the default URL's user, as the tests' real brokers do.
-    broker: StubBroker = field(default_factory=lambda: StubBroker(broker_user(BrokerConfig().url)))
+    broker: StubBroker = field(default_factory=StubBroker)
 
     def settings(self, **pupil_fields: Any) -> Settings:
         return Settings(

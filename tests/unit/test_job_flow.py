@@ -42,6 +42,14 @@ def replies(broker: StubBroker) -> list[JobResult]:
     return [decode(m.body, JobResult) for m in broker.queued(REPLY)]
 
 
+def master_answers(master: MasterService, broker: StubBroker, job_id: str = "j-1") -> JobResult:
+    """What the master worker does with a job handed to the master: the submitter's answer."""
+    master.jobs._answer(job_id)
+    (result,) = replies(broker)
+    assert result.answered_by == "master"
+    return result
+
+
 def fallbacks(master: MasterService, kind: str, reason: str) -> float | None:
     return master.metrics.registry.get_sample_value(
         "distill_swarm_job_fallbacks_total", {"kind": kind, "reason": reason}
@@ -80,9 +88,8 @@ def test_a_pupil_that_fails_hands_the_job_to_the_master_labelled_pupil_failed(
     row = master.jobs.store.get("j-1")
     assert row is not None and row.state == "master"
     assert row.fallback_code is Fallback.PUPIL_FAILED  # the label, whatever the text says
-    master.jobs._answer("j-1")  # what the master worker does next
-    (result,) = replies(swarm.broker)
-    assert result.answered_by == "master" and result.fallback == "pupil failed: pi-1: boom"
+    result = master_answers(master, swarm.broker)
+    assert result.fallback == "pupil failed: pi-1: boom"
     assert fallbacks(master, "summarisation", "pupil_failed") == 1
 
 
@@ -94,9 +101,7 @@ def test_a_critical_job_never_leaves_the_master(tmp_path: Path) -> None:
     assert intake.drain() == 1
     offloaded = [f for f in swarm.broker.channel.frames if f[:2] == ("publish", "stub.jobs")]
     assert len(offloaded) == 1  # the submission itself, never a copy for the pupils
-    master.jobs._answer("j-1")
-    (result,) = replies(swarm.broker)
-    assert result.answered_by == "master" and result.fallback == "critical"
+    assert master_answers(master, swarm.broker).fallback == "critical"
     assert fallbacks(master, "legal_medical", "critical") == 1
 
 
