@@ -5,13 +5,18 @@
 - A round resumes from the previous adapter directory when there is one (peft's safetensors
   file, no pickle), trains at most ``max_steps`` AdamW steps, and saves the new adapter.
 - Loss is the mean negative log-likelihood of the answer tokens. The output layer (a 262k-word
-  vocabulary tied to the embeddings) runs only on the positions that carry loss, which saves
-  most of the round's memory and much of its time: full logits for a batch of 4 x 256 tokens
-  alone are 1 GB in float32.
+  vocabulary tied to the embeddings) runs only on the positions that carry loss: full logits for
+  a batch of 4 x 256 tokens alone are 1 GB in float32.
+- The output layer is frozen, so its loss is computed by ``frozen_head_nll`` in chunks of
+  positions, each chunk's gradient with respect to the hidden states taken at once and the
+  chunk's logits freed: autograd would otherwise keep every labelled position's logits, their
+  softmax and the softcap's intermediates (about 1 GB for 4 answers of 64 tokens) until the
+  backward pass.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Positions per chunk of the output layer's loss: 64 x 262,144 float32 logits are 64 MiB.
+HEAD_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,68 @@ def answer_nll(model: Any, batch: Sequence[Example], pad_id: int) -> tuple[torch
     targets = labels[:, 1:]
     keep = targets != IGNORE
     chosen = hidden[:, :-1][keep]
-    logits = lm.lm_head(chosen).float()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    loss = frozen_head_nll(chosen, lm.lm_head.weight, targets[keep], softcap)
     return loss, int(keep.sum())
+
+
+def frozen_head_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """Summed NLL of ``targets`` under the frozen output layer ``weight`` (no bias), in chunks.
+
+    The same value and the same gradient with respect to ``hidden`` as
+    ``cross_entropy(softcap(linear(hidden, weight).float()), targets, reduction="sum")``, but
+    only one chunk of ``chunk`` positions' logits is ever in memory. No gradient flows to
+    ``weight`` (it is frozen: the tied embeddings, which llama.cpp's LoRA cannot adapt).
+    """
+    return _frozen_head_function().apply(hidden, weight.detach(), targets, softcap, chunk)
+
+
+@functools.cache
+def _frozen_head_function() -> Any:
+    """The autograd function behind ``frozen_head_nll`` (defined lazily: torch is optional)."""
+    import torch
+
+    class FrozenHeadNLL(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, hidden: Any, weight: Any, targets: Any, softcap: Any, chunk: int
+        ) -> Any:
+            want_grad = ctx.needs_input_grad[0]
+            total = torch.zeros((), dtype=torch.float32)
+            grad = torch.empty(hidden.shape, dtype=torch.float32) if want_grad else None
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start : start + chunk], targets[start : start + chunk]
+                logits = torch.nn.functional.linear(h, weight).float()
+                capped = torch.tanh(logits / softcap) if softcap else logits
+                if softcap:
+                    capped = capped * softcap
+                lse = torch.logsumexp(capped, dim=-1)
+                rows = torch.arange(t.shape[0])
+                total += (lse - capped[rows, t]).sum()
+                if grad is not None:
+                    # d/dz of (logsumexp(z) - z_t) is softmax(z) - onehot(t)
+                    probs = torch.exp(capped - lse[:, None])
+                    probs[rows, t] -= 1.0
+                    if softcap:  # z = c * tanh(l / c): dz/dl = 1 - tanh(l / c)^2
+                        probs *= 1.0 - (capped / softcap) ** 2
+                    grad[start : start + chunk] = probs.to(weight.dtype) @ weight
+                del logits, capped
+            ctx.hidden_dtype = hidden.dtype
+            ctx.save_for_backward(*(() if grad is None else (grad,)))
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, upstream: Any) -> Any:
+            (grad,) = ctx.saved_tensors
+            return ((grad * upstream).to(ctx.hidden_dtype), None, None, None, None)
+
+    return FrozenHeadNLL
 
 
 def mean_nll(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int = 8) -> float:

@@ -305,3 +305,62 @@ def test_export_refuses_what_llama_cpp_would_refuse_or_misread(tmp_path: Path) -
     with pytest.raises(BackendError, match=r"no llama\.cpp projection"):
         export_lora_gguf(peft_dir(tmp_path / "embed", embed), base, tmp_path / "d.gguf")
     assert not list(tmp_path.glob("[a-d].gguf*"))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "softcap"), [("float32", None), ("float32", 30.0), ("bfloat16", None)]
+)
+def test_the_chunked_frozen_head_loss_equals_cross_entropy(
+    dtype: str, softcap: float | None
+) -> None:
+    """Same loss, same gradient for the hidden states as autograd through full logits."""
+    torch = pytest.importorskip("torch")
+    from pupil_node.study.train import frozen_head_nll
+
+    generator = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    weight = torch.randn(500, 16, generator=generator).to(dt)
+    targets = torch.randint(0, 500, (37,), generator=generator)
+    base = torch.randn(37, 16, generator=generator)
+
+    hidden = base.to(dt).requires_grad_()
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (expected / 37).backward()
+
+    chunked = base.to(dt).requires_grad_()
+    loss = frozen_head_nll(chunked, weight, targets, softcap, chunk=8)  # 37 = 4 chunks + 5
+    (loss / 37).backward()
+
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=tolerance)
+    assert chunked.grad is not None and hidden.grad is not None
+    assert torch.allclose(chunked.grad.float(), hidden.grad.float(), atol=tolerance, rtol=tolerance)
+    assert chunked.grad.dtype == hidden.dtype
+
+
+def test_the_frozen_head_loss_keeps_no_gradient_state_without_grad() -> None:
+    torch = pytest.importorskip("torch")
+    from pupil_node.study.train import frozen_head_nll
+
+    weight, hidden = torch.randn(50, 4), torch.randn(9, 4)
+    with torch.no_grad():
+        loss = frozen_head_nll(hidden, weight, torch.zeros(9, dtype=torch.long), chunk=4)
+    assert not loss.requires_grad and float(loss) > 0
+
+
+def test_the_base_shapes_read_from_the_header_are_gguf_readers() -> None:
+    """The lean header reader agrees with the gguf package on the packaged base model."""
+    gguf = pytest.importorskip("gguf")
+    from pupil_node.study.base import embedded_gguf_path
+    from pupil_node.study.export import base_tensor_shapes
+
+    path = embedded_gguf_path()
+    arch, shapes = base_tensor_shapes(path)
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["general.architecture"]
+    assert arch == bytes(field.parts[field.data[0]]).decode() == "gemma3"
+    assert shapes == {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
+    assert shapes["blk.0.attn_q.weight"] == (640, 1024)
