@@ -211,12 +211,38 @@ def _load_cached_model(entry: Path, dtype: str) -> PreTrainedModel:
 
 
 def _fill_model_cache(gguf_path: Path, entry: Path, dtype: str) -> None:
-    """Dequantise the GGUF once and save it as safetensors under ``entry``."""
+    """Dequantise the GGUF once and save it as safetensors under ``entry``.
+
+    Streamed a tensor at a time where the architecture allows (``convert.py``: about a third
+    of the memory); otherwise through transformers' own GGUF loader.
+    """
+    from pupil_node.study.convert import NotStreamable, convert_gguf
+
+    gguf_path = Path(gguf_path)
+    try:
+        with _atomic_dir(entry) as partial:
+            convert_gguf(gguf_path, partial, _torch_dtype(dtype))
+            _write_source(partial, gguf_path, dtype, "streamed")
+        return
+    except NotStreamable:
+        pass
+    except (OSError, ValueError, KeyError) as e:
+        raise BackendError(f"cannot convert '{gguf_path}' for training: {e}") from None
+    _load_whole_and_save(gguf_path, entry, dtype)
+
+
+def _write_source(directory: Path, gguf_path: Path, dtype: str, how: str) -> None:
+    (directory / "source.json").write_text(
+        json.dumps({"gguf": str(gguf_path), "dtype": dtype, "converted": how}, indent=2) + "\n"
+    )
+
+
+def _load_whole_and_save(gguf_path: Path, entry: Path, dtype: str) -> None:
+    """transformers' GGUF loader (every tensor at once), saved as safetensors under ``entry``."""
     import gc
 
     from transformers import AutoModelForCausalLM
 
-    gguf_path = Path(gguf_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent,
@@ -236,9 +262,7 @@ def _fill_model_cache(gguf_path: Path, entry: Path, dtype: str) -> None:
         setattr(model, "is_quantized", False)  # noqa: B010 (not a declared attribute)
     with _atomic_dir(entry) as partial:
         model.save_pretrained(partial, safe_serialization=True)
-        (partial / "source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "dtype": dtype}, indent=2) + "\n"
-        )
+        _write_source(partial, gguf_path, dtype, "transformers")
     del model
     gc.collect()
 
