@@ -176,6 +176,8 @@ def run_study_round(
     base_sha256, load_seconds, from_cache = base.gguf_sha256, base.load_seconds, base.from_cache
     del model, base
     gc.collect()
+    rss.release_freed_memory()
+    _phase("torch model freed", started)
 
     llama_before = llama_after = math.nan
     if settings.llama_check and _has_llama_cpp():

@@ -48,3 +48,22 @@ def _status_kib(field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def release_freed_memory() -> bool:
+    """Hand memory that Python and torch have freed back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps freed heap pages mapped, so after the torch model is deleted the RSS stays near
+    its peak and llama.cpp's validation check would come on top of it. False where there is no
+    glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
