@@ -1,7 +1,8 @@
 """Benchmark: one LoRA study round on the benchmark's train lessons, on this machine's CPU.
 
     .venv/bin/python bench/lora_round.py [--train 100] [--eval 36] [--steps 25] [--batch 4]
-        [--threads 2] [--dtype bfloat16] [--out bench/results/lora]
+        [--threads 2] [--dtype bfloat16] [--targets all|attn|mlp]
+        [--out bench/results/lora-round]
     .venv/bin/python bench/lora_round.py --measure-load   # base load: cold (GGUF) vs cached
 
 1. The master's answers: the embedded master (``master.j2``, greedy, 64 tokens), as the demo's
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +36,12 @@ from pupil_node.study.data import StudyLesson  # noqa: E402
 
 BENCHMARK = ROOT / "master" / "prompt_sets" / "benchmark.jsonl"
 MAX_TOKENS = 64
+# Which projections carry the LoRA.
+TARGETS = {
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
 
 
 def master_answers(out: Path, prompts: list[dict[str, str]]) -> dict[str, str]:
@@ -69,16 +78,76 @@ def lessons(prompts: list[dict[str, str]], answers: dict[str, str]) -> list[Stud
     ]
 
 
+def benchmark_lessons(
+    out: Path, train_n: int, eval_n: int
+) -> tuple[list[StudyLesson], list[StudyLesson]]:
+    """The first ``train_n`` train and ``eval_n`` eval prompts with the master's answers."""
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = [json.loads(line) for line in BENCHMARK.read_text().splitlines() if line.strip()]
+    train = [p for p in prompts if p["split"] == "train"][:train_n]
+    held_out = [p for p in prompts if p["split"] == "eval"][:eval_n]
+    answers = master_answers(out, train + held_out)
+    return lessons(train, answers), lessons(held_out, answers)
+
+
+def round_options(args: argparse.Namespace) -> list[str]:
+    """The child's command-line options for the settings in ``args``."""
+    return [
+        "--steps", str(args.steps), "--epochs", str(args.epochs), "--batch", str(args.batch),
+        "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
+        "--max-len", str(args.max_len), "--threads", str(args.threads), "--dtype", args.dtype,
+        "--gguf-dtype", args.gguf_dtype, "--targets", args.targets,
+        *(["--no-checkpointing"] if args.no_checkpointing else []),
+    ]  # fmt: skip
+
+
+def round_in_child(
+    round_dir: Path, train_lessons: list[StudyLesson], options: list[str]
+) -> dict[str, Any]:
+    """One study round in a fresh process (its peak RSS is the round's own): the RoundResult."""
+    round_dir.mkdir(parents=True, exist_ok=True)
+    lessons_file = round_dir / "train_lessons.jsonl"
+    lessons_file.write_text("".join(json.dumps(asdict(x)) + "\n" for x in train_lessons))
+    child = [sys.executable, __file__, "--lessons-file", str(lessons_file), "--round-dir"]
+    with (round_dir / "round.log").open("w") as log:  # the round's phases, with RSS
+        out = subprocess.run(
+            [*child, str(round_dir / "out"), *options],
+            check=True, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
+        )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def heldout_loss(
+    eval_lessons: list[StudyLesson], gguf: Path, max_len: int, threads: int
+) -> tuple[float, float, int]:
+    """llama.cpp's per-token loss of the master's held-out answers: base, then with ``gguf``."""
+    from pupil_node.study.base import embedded_gguf_path, load_tokenizer
+    from pupil_node.study.data import build_examples
+    from pupil_node.study.export import llama_answer_nll
+
+    base_gguf = embedded_gguf_path()
+    examples = build_examples(
+        [StudyLesson(x.lesson_id, x.goal_text, x.master_answer) for x in eval_lessons],
+        load_tokenizer(base_gguf), max_len=max_len,
+    )  # fmt: skip
+    before = llama_answer_nll(base_gguf, examples, n_threads=threads)
+    after = llama_answer_nll(base_gguf, examples, gguf, n_threads=threads)
+    return before, after, len(examples)
+
+
 def round_child(args: argparse.Namespace) -> int:
     """Run one round from ``args.lessons_file``; print the RoundResult as JSON."""
     from pupil_node.study import StudySettings, TrainSettings, run_study_round
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = [json.loads(line) for line in Path(args.lessons_file).read_text().splitlines()]
     settings = StudySettings(
         train=TrainSettings(
             rank=args.rank, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch,
             max_steps=args.steps, epochs=args.epochs, threads=args.threads,
             gradient_checkpointing=not args.no_checkpointing,
+            target_modules=TARGETS[args.targets],
         ),
         dtype=args.dtype, max_len=args.max_len, gguf_dtype=args.gguf_dtype,
     )  # fmt: skip
@@ -88,26 +157,48 @@ def round_child(args: argparse.Namespace) -> int:
 
 
 def measure_load(args: argparse.Namespace) -> int:
-    """Load the base cold (from the GGUF, empty cache) then warm, each in a fresh process."""
-    with tempfile.TemporaryDirectory() as cache:
-        for label in ("cold", "cached"):
-            code = (
-                "import json,sys; from pathlib import Path;"
-                "from pupil_node.study import rss; from pupil_node.study.base import *;"
-                "rss.reset_peak(); b = load_base(embedded_gguf_path(), Path(sys.argv[1]),"
-                " sys.argv[2]); print(json.dumps({'seconds': b.load_seconds,"
-                " 'from_cache': b.from_cache, 'peak_rss': rss.peak_bytes()}))"
-            )
+    """Load the base cold (streamed from the GGUF), then cached, then cold through transformers'
+    own GGUF loader, each in a fresh process; check the two conversions hold the same weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, whole = Path(tmp) / "cache", Path(tmp) / "whole"
+        code = (
+            "import json,sys; from pathlib import Path;"
+            "from pupil_node.study import rss; from pupil_node.study import base as b;"
+            "rss.reset_peak(); g = b.embedded_gguf_path();"
+            "r = b.load_base(g, Path(sys.argv[1]), sys.argv[2]) if sys.argv[3] == 'load' else"
+            " b._load_whole_and_save(g, Path(sys.argv[1]), sys.argv[2]);"
+            "print(json.dumps({'peak_rss': rss.peak_bytes()}))"
+        )
+        runs = (
+            ("cold, streamed (convert.py)", cache, "load"),
+            ("cached", cache, "load"),
+            ("cold, transformers' loader", whole, "whole"),
+        )
+        for label, target, how in runs:
+            started = time.monotonic()
             out = subprocess.run(
-                [sys.executable, "-c", code, cache, args.dtype],
+                [sys.executable, "-c", code, str(target), args.dtype, how],
                 check=True, capture_output=True, text=True, cwd=ROOT,
             )  # fmt: skip
             row = json.loads(out.stdout.strip().splitlines()[-1])
             print(
-                f"{label:7s} load {row['seconds']:6.1f} s  peak RSS "
+                f"{label:28s} {time.monotonic() - started:6.1f} s (process)  peak RSS "
                 f"{row['peak_rss'] / 2**30:.2f} GiB  (dtype {args.dtype})"
             )
+        print(
+            f"largest difference between the two conversions: {_largest_difference(cache, whole)}"
+        )
     return 0
+
+
+def _largest_difference(cache: Path, whole: Path) -> float:
+    from safetensors.torch import load_file
+
+    streamed = load_file(str(next(cache.glob("*/*/model.safetensors"))))
+    loaded = load_file(str(whole / "model.safetensors"))
+    if set(streamed) != set(loaded):
+        raise SystemExit(f"the conversions name different tensors: {set(streamed) ^ set(loaded)}")
+    return max(float((streamed[k].float() - loaded[k].float()).abs().max()) for k in streamed)
 
 
 def main() -> int:
@@ -125,7 +216,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"))
     parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
+    parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora-round")
     parser.add_argument("--measure-load", action="store_true")
     parser.add_argument("--lessons-file", help=argparse.SUPPRESS)
     parser.add_argument("--round-dir", help=argparse.SUPPRESS)
@@ -136,46 +228,17 @@ def main() -> int:
         return round_child(args)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    prompts = [json.loads(line) for line in BENCHMARK.read_text().splitlines() if line.strip()]
-    train = [p for p in prompts if p["split"] == "train"][: args.train]
-    held_out = [p for p in prompts if p["split"] == "eval"][: args.eval]
-    answers = master_answers(args.out, train + held_out)
-    train_lessons, eval_lessons = lessons(train, answers), lessons(held_out, answers)
-
-    round_dir = args.out / "round"
-    lessons_file = args.out / "train_lessons.jsonl"
-    lessons_file.write_text("".join(json.dumps(asdict(x)) + "\n" for x in train_lessons))
-    child = [
-        sys.executable, __file__, "--lessons-file", str(lessons_file), "--round-dir",
-        str(round_dir), "--steps", str(args.steps), "--epochs", str(args.epochs),
-        "--batch", str(args.batch), "--rank", str(args.rank), "--alpha", str(args.alpha),
-        "--lr", str(args.lr), "--max-len", str(args.max_len), "--threads", str(args.threads),
-        "--dtype", args.dtype, "--gguf-dtype", args.gguf_dtype,
-        *(["--no-checkpointing"] if args.no_checkpointing else []),
-    ]  # fmt: skip
+    train_lessons, eval_lessons = benchmark_lessons(args.out, args.train, args.eval)
     started = time.monotonic()
-    out = subprocess.run(child, check=True, capture_output=True, text=True, cwd=ROOT)
+    result = round_in_child(args.out / "round", train_lessons, round_options(args))
     wall = time.monotonic() - started
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-
-    from pupil_node.study.base import embedded_gguf_path, load_tokenizer
-    from pupil_node.study.data import build_examples
-    from pupil_node.study.export import llama_answer_nll
-
-    base_gguf = embedded_gguf_path()
-    tokenizer = load_tokenizer(base_gguf)
-    examples = build_examples(
-        [StudyLesson(x.lesson_id, x.goal_text, x.master_answer) for x in eval_lessons],
-        tokenizer, max_len=args.max_len,
-    )  # fmt: skip
-    held_before = llama_answer_nll(base_gguf, examples, n_threads=args.threads)
-    held_after = llama_answer_nll(
-        base_gguf, examples, Path(result["gguf_path"]), n_threads=args.threads
+    held_before, held_after, examples = heldout_loss(
+        eval_lessons, Path(result["gguf_path"]), args.max_len, args.threads
     )
     summary = {
         **result,
         "round_wall_seconds": wall,
-        "heldout_examples": len(examples),
+        "heldout_examples": examples,
         "heldout_llama_loss_before": held_before,
         "heldout_llama_loss_after": held_after,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -194,7 +257,7 @@ def main() -> int:
         f"(llama.cpp {result['llama_val_loss_before']:.3f} -> "
         f"{result['llama_val_loss_after']:.3f})\n"
         f"held-out loss (llama.cpp) {held_before:.3f} -> {held_after:.3f} "
-        f"on {len(examples)} eval answers"
+        f"on {examples} eval answers"
     )
     return 0
 
