@@ -31,11 +31,10 @@ class NotStreamable(Exception):
 
 
 def gguf_architecture(gguf_path: Path) -> str:
-    """The GGUF's ``general.architecture`` (e.g. ``gemma3``)."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import read_field
+    """The GGUF's ``general.architecture`` (e.g. ``gemma3``), read from its header alone."""
+    from pupil_node.study.export import base_tensor_shapes
 
-    return str(read_field(GGUFReader(str(gguf_path)), "general.architecture")[0])
+    return base_tensor_shapes(gguf_path)[0]
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: Any) -> None:
@@ -54,7 +53,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: Any) -> None:
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
     )
 
     gguf_path = Path(gguf_path)
@@ -66,8 +64,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: Any) -> None:
     )
     with torch.device("meta"):  # names and shapes only: no memory
         skeleton = AutoModelForCausalLM.from_config(config)
-    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
+    # The processors read head counts from the config (as a dict); parsing the file again for
+    # them would cost as much as the config itself (262k vocabulary strings).
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     names = get_gguf_hf_weights_map(skeleton, processor)
 
     tensors: dict[str, Any] = {}
