@@ -18,6 +18,7 @@ from shared.study_metrics import StudyMetrics
 
 if TYPE_CHECKING:
     from pupil_node.state import NodeState
+    from pupil_node.study.fedavg import Source
 
 app = typer.Typer(
     help="A pupil node: learn from the master.", no_args_is_help=True, rich_markup_mode=None
@@ -114,6 +115,73 @@ def rollback(
         state.close()
     now = "the base model" if older is None else f"LoRA v{older.version}"
     typer.echo(f"{cfg.node_id}: rolled back from LoRA v{served.version}; {now} from the next start")
+
+
+@app.command("import-adapter")
+def import_adapter(
+    adapter: Annotated[Path, typer.Argument(help="a swarm adapter from `pupil average-adapters`")],
+    node_id: NodeIdOpt = None,
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Serve a LoRA adapter made elsewhere (a swarm adapter) from the node's next start.
+
+    It becomes the node's next LoRA version: its next study round resumes from it, and
+    `pupil rollback` goes back to what the node served before. Stop the node first.
+    """
+    setup_logging("WARNING")
+    settings, state = _open_state(config, node_id, state_dir)
+    cfg = settings.pupil
+    from pupil_node.study.serving import LORA_DIR
+    from pupil_node.study.versions import AdapterStore
+
+    try:
+        store = AdapterStore(state.path / LORA_DIR, cfg.study.keep_versions)
+        try:
+            imported = store.import_version(adapter)
+        except (ValueError, OSError) as e:
+            fail(f"cannot import '{adapter}': {e}")
+    finally:
+        state.close()
+    typer.echo(f"{cfg.node_id}: LoRA v{imported.version} (from {adapter}) from the next start")
+
+
+@app.command("average-adapters")
+def average_adapters(
+    sources: Annotated[
+        list[Path],
+        typer.Argument(help="node state directories (their served LoRA) or version directories"),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the swarm adapter's directory")],
+) -> None:
+    """Average nodes' LoRA adapters, weighted by lessons, into one swarm adapter (FedAvg).
+
+    Each source is a pupil's state directory (its served version is used) or a version
+    directory (`.../lora/v0003`). Import the result on a new node with `pupil import-adapter`.
+    """
+    setup_logging("WARNING")
+    from pupil_node.study.base import embedded_gguf_path
+    from pupil_node.study.fedavg import average_adapters as average
+    from pupil_node.study.fedavg import source_from
+
+    with exit_on_errors():
+        found = [source_from(path) for path in sources]
+        if out.exists() and any(out.iterdir()):
+            fail(f"'{out}' is not empty: give a new directory")
+        result = average(found, out, base_gguf_from(found) or embedded_gguf_path())
+    typer.echo(
+        f"swarm adapter from {len(found)} adapters ({sum(s.lessons for s in found)} lessons), "
+        f"rank {result.rank}, keeps {result.energy_kept_mean:.1%} of the mean update "
+        f"(least: {result.energy_kept_min:.1%}): {out}"
+    )
+
+
+def base_gguf_from(sources: list[Source]) -> Path | None:
+    """The base GGUF the sources were trained on, if their round files name one that exists."""
+    bases = {s.base_gguf for s in sources} - {None}
+    if len(bases) > 1:
+        fail(f"the adapters were trained on different base models: {sorted(map(str, bases))}")
+    return next(iter(bases), None)
 
 
 def _open_state(

@@ -146,6 +146,28 @@ class AdapterStore:
         self._prune(version)
         return promoted
 
+    def import_version(self, source: Path) -> AdapterVersion:
+        """Copy a version directory made elsewhere (a swarm adapter) in as the next version.
+
+        It is served from the node's next start, and the next round resumes from it; the
+        versions before it stay for rollback. Raises ValueError if its files do not verify.
+        """
+        for needed in (ROUND_FILE, GGUF_FILE, PEFT_DIR):
+            if not (Path(source) / needed).exists():
+                raise ValueError(f"'{source}' is not an adapter version directory (no {needed})")
+        version = max(self.versions(), default=0) + 1
+        candidate = self.candidate_dir(version)
+        shutil.rmtree(candidate)
+        shutil.copytree(source, candidate)
+        meta = json.loads((candidate / ROUND_FILE).read_text())
+        meta["version"] = version  # the version this node knows it by
+        (candidate / ROUND_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            return self.promote(candidate, version)
+        except ValueError:
+            self.discard(candidate)
+            raise
+
     def rollback(self) -> AdapterVersion | None:
         """Serve the newest version older than the served one (None: back to the base model)."""
         current = self.served()
