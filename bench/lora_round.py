@@ -151,7 +151,9 @@ def round_child(args: argparse.Namespace) -> int:
         ),
         dtype=args.dtype, max_len=args.max_len, gguf_dtype=args.gguf_dtype,
     )  # fmt: skip
-    result = run_study_round([StudyLesson(**r) for r in rows], None, Path(args.round_dir), settings)
+    previous = Path(args.previous) if args.previous else None
+    lessons = [StudyLesson(**r) for r in rows]
+    result = run_study_round(lessons, previous, Path(args.round_dir), settings)
     print(json.dumps(asdict(result)))
     return 0
 
@@ -221,6 +223,7 @@ def main() -> int:
     parser.add_argument("--measure-load", action="store_true")
     parser.add_argument("--lessons-file", help=argparse.SUPPRESS)
     parser.add_argument("--round-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--previous", help=argparse.SUPPRESS)  # a peft dir to resume from
     args = parser.parse_args()
     if args.measure_load:
         return measure_load(args)
