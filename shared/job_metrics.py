@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from shared.jobs import Fallback
-from shared.metrics import LLM_BUCKETS_S, PREFIX
+from shared.metrics import LLM_BUCKETS_S, Declare
 
 JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -26,54 +26,52 @@ class MasterJobMetrics:
 
     def __init__(self, registry: CollectorRegistry, node_label: Callable[[str], str]) -> None:
         self.node_label = node_label
-        self.submitted = Counter(
-            PREFIX + "jobs_submitted", "Jobs accepted from submitters, by kind.", ["kind"],
-            registry=registry,
-        )  # fmt: skip
-        self.answered = Counter(
-            PREFIX + "jobs_answered",
+        declare = Declare(registry)
+        self.submitted = declare.counter(
+            "jobs_submitted", "Jobs accepted from submitters, by kind.", "kind"
+        )
+        self.answered = declare.counter(
+            "jobs_answered",
             "Jobs answered to their submitter, by kind, by whom (pupil or master) and result.",
-            ["kind", "by", "result"],
-            registry=registry,
+            "kind",
+            "by",
+            "result",
         )
-        self.node_answered = Counter(
-            PREFIX + "node_jobs_answered",
+        self.node_answered = declare.counter(
+            "node_jobs_answered",
             "Jobs a pupil answered first (its answer went to the submitter), by node and kind.",
-            ["node", "kind"],
-            registry=registry,
+            "node",
+            "kind",
         )
-        self.fallbacks = Counter(
-            PREFIX + "job_fallbacks",
+        self.fallbacks = declare.counter(
+            "job_fallbacks",
             "Jobs the master answered itself, by kind and reason (critical, deadline, "
             "pupil_failed, unroutable).",
-            ["kind", "reason"],
-            registry=registry,
+            "kind",
+            "reason",
         )
-        self.late = Counter(
-            PREFIX + "job_results_late",
+        self.late = declare.counter(
+            "job_results_late",
             "Pupil results that arrived after the job was answered (by the master, or another "
             "pupil after a redelivery).",
-            ["kind"],
-            registry=registry,
+            "kind",
         )
-        self.seconds = Histogram(
-            PREFIX + "job_seconds",
+        self.seconds = declare.histogram(
+            "job_seconds",
             "Seconds from submission to answer, by kind and by whom.",
-            ["kind", "by"],
-            buckets=JOB_BUCKETS_S,
-            registry=registry,
+            JOB_BUCKETS_S,
+            "kind",
+            "by",
         )
-        self.agreement = Histogram(
-            PREFIX + "job_agreement",
+        self.agreement = declare.histogram(
+            "job_agreement",
             "Sampled offloaded jobs: cosine between the pupil's and the master's answer "
             "embeddings, by kind and node.",
-            ["kind", "node"],
-            buckets=AGREEMENT_BUCKETS,
-            registry=registry,
+            AGREEMENT_BUCKETS,
+            "kind",
+            "node",
         )
-        self.open = Gauge(
-            PREFIX + "jobs_open", "Jobs accepted but not answered yet.", registry=registry
-        )
+        self.open = declare.gauge("jobs_open", "Jobs accepted but not answered yet.")
 
     def record_answer(self, kind: str, answered_by: str, ok: bool, seconds: float) -> None:
         """Count one answer sent to a submitter (``answered_by`` is a node id or ``master``)."""
@@ -88,16 +86,16 @@ class PupilJobMetrics:
     """A pupil's own job figures."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.done = Counter(
-            PREFIX + "pupil_jobs",
+        declare = Declare(registry)
+        self.done = declare.counter(
+            "pupil_jobs",
             "Jobs this node took from a job queue, by kind and result (ok, error, expired).",
-            ["kind", "result"],
-            registry=registry,
+            "kind",
+            "result",
         )
-        self.seconds = Histogram(
-            PREFIX + "pupil_job_seconds",
+        self.seconds = declare.histogram(
+            "pupil_job_seconds",
             "Seconds this node spent answering one job, by kind.",
-            ["kind"],
-            buckets=LLM_BUCKETS_S,
-            registry=registry,
+            LLM_BUCKETS_S,
+            "kind",
         )

@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar, get_args
 from wsgiref.simple_server import WSGIServer
@@ -102,6 +103,30 @@ OTHER_NODE = "_other"
 _Metric = TypeVar("_Metric", Histogram, Gauge)
 
 
+class Declare:
+    """Declares metrics in one registry, named ``prefix + name``: every family of this project.
+
+    One place spells the registry and the prefix, so a module of metrics reads as a list of
+    names, help texts and labels.
+    """
+
+    def __init__(self, registry: CollectorRegistry, prefix: str = PREFIX) -> None:
+        self.registry = registry
+        self.prefix = prefix
+
+    def counter(self, name: str, doc: str, *labels: str) -> Counter:
+        """A counter (prometheus-client appends ``_total`` to its name)."""
+        return Counter(self.prefix + name, doc, labels, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        """A gauge."""
+        return Gauge(self.prefix + name, doc, labels, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+        """A histogram with ``buckets`` (upper bounds)."""
+        return Histogram(self.prefix + name, doc, labels, buckets=buckets, registry=self.registry)
+
+
 def heldout_figures(report: Report) -> dict[str, float]:
     """An eval report's similarities by `method` label; unknown method names are left out."""
     figures = {
@@ -124,41 +149,39 @@ class ServiceMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        build_info = Gauge(
-            PREFIX + "build_info",
+        self.declare = declare = Declare(self.registry)
+        build_info = declare.gauge(
+            "build_info",
             "Always 1; the labels say which software version and role this process runs.",
-            ["version", "role"],
-            registry=self.registry,
+            "version",
+            "role",
         )
         build_info.labels(__version__, role).set(1)
-        self.broker_connected = Gauge(
-            PREFIX + "broker_connected",
+        self.broker_connected = declare.gauge(
+            "broker_connected",
             "1 while this process's consumer holds an open broker connection, else 0.",
-            registry=self.registry,
         )
-        self.messages_rejected = Counter(
-            PREFIX + "messages_rejected",
+        self.messages_rejected = declare.counter(
+            "messages_rejected",
             "Messages dead-lettered by this process, by queue kind and reason class.",
-            ["queue", "reason"],
-            registry=self.registry,
+            "queue",
+            "reason",
         )
         # Every known series exists from the start at 0, so increase() sees the first rejection.
         for queue in queues:
             for reason in REJECT_REASONS:
                 self.messages_rejected.labels(queue, reason)
-        self.model_up = Gauge(
-            PREFIX + "model_up",
+        self.model_up = declare.gauge(
+            "model_up",
             "1 while this process's model server answers; 0 during an outage, while intake is "
             "paused and the server is probed.",
-            ["role"],
-            registry=self.registry,
+            "role",
         ).labels(role)
         self.model_up.set(1)
-        self.model_outages = Counter(
-            PREFIX + "model_outages",
+        self.model_outages = declare.counter(
+            "model_outages",
             "Outages of this process's model server: each paused intake until a probe succeeded.",
-            ["role"],
-            registry=self.registry,
+            "role",
         ).labels(role)
 
     def watch_model(self, model: Dependency) -> None:
@@ -200,35 +223,30 @@ class ReportFigures:
 
     def __init__(self, registry: CollectorRegistry, prefix: str, labels: tuple[str, ...]) -> None:
         subject, source = ("the node", ", from its reports") if labels else ("this node", "")
+        declare = Declare(registry, prefix)
 
         def histogram(stage: str, buckets: tuple[float, ...], what: str) -> Histogram:
-            return Histogram(
-                f"{prefix}{stage}_seconds",
-                f"Seconds {subject} spent on {what} per lesson{source}.",
-                labels,
-                buckets=buckets,
-                registry=registry,
-            )
+            doc = f"Seconds {subject} spent on {what} per lesson{source}."
+            return declare.histogram(f"{stage}_seconds", doc, buckets, *labels)
 
         self.generate = histogram("generate", LLM_BUCKETS_S, "plain answer generation")
         self.embed = histogram("embed", EMBED_BUCKETS_S, "embedding of answer and goal")
         self.train = histogram("train", TRAIN_BUCKETS_S, "adapter training (train lessons)")
         self.guide = histogram("guide", LLM_BUCKETS_S, "guided answers (eval lessons)")
-        self.loss = Gauge(
-            f"{prefix}adapter_loss",
+        self.loss = declare.gauge(
+            "adapter_loss",
             f"Training loss of {subject}'s answer adapter, last step of its latest train lesson"
             f"{source}.",
-            labels,
-            registry=registry,
+            *labels,
         )
-        self.heldout = Gauge(
-            f"{prefix}heldout_similarity",
+        self.heldout = declare.gauge(
+            "heldout_similarity",
             f"Cosine to the master's answer on {subject}'s latest eval lesson (never trained on)"
             f"{source}, "
             "by method: plain, adapter (the adapter's vector), guided (what the node says), "
             "and each guidance method measured.",
-            (*labels, "method"),
-            registry=registry,
+            *labels,
+            "method",
         )
 
     def record(self, report: Report, *label_values: str) -> None:
@@ -265,25 +283,22 @@ class PupilMetrics(ServiceMetrics):
 
     def __init__(self) -> None:
         super().__init__("pupil", queues=("lessons", "jobs"))
-        self.lessons_consumed = Counter(
-            PREFIX + "lessons_consumed",
+        self.lessons_consumed = self.declare.counter(
+            "lessons_consumed",
             "Lessons this node answered, measured and journalled (new work, not replays).",
-            ["split"],
-            registry=self.registry,
+            "split",
         )
         for split in SPLITS:
             self.lessons_consumed.labels(split)
-        self.lessons_replayed = Counter(
-            PREFIX + "lessons_replayed",
+        self.lessons_replayed = self.declare.counter(
+            "lessons_replayed",
             "Redelivered lessons answered again from the journal, without new work.",
-            registry=self.registry,
         )
         self.figures = ReportFigures(self.registry, PREFIX, ())
-        self.state_free_bytes = Gauge(
-            PREFIX + "state_free_bytes",
+        self.state_free_bytes = self.declare.gauge(
+            "state_free_bytes",
             "Bytes free on the file system of this node's state directory (checkpoints, journal, "
             "memory). Below pupil.min_free_bytes the node takes no new lesson.",
-            registry=self.registry,
         )
 
     def watch_free_space(self, free_bytes: Callable[[], int]) -> None:
@@ -331,73 +346,58 @@ class MasterMetrics(ServiceMetrics):
     def __init__(self, max_nodes: int = 256) -> None:
         super().__init__("master", queues=("reports", "control", "jobs", "job_results"))
         self.node_label = NodeLabels(max_nodes)
-        r = self.registry
-        self.lessons_published = Counter(
-            PREFIX + "lessons_published", "Lessons published (confirmed by the broker).", registry=r
+        declare, per_node = self.declare, Declare(self.registry, NODE_PREFIX)
+        self.lessons_published = declare.counter(
+            "lessons_published", "Lessons published (confirmed by the broker)."
         )
-        self.generate_seconds = Histogram(
-            PREFIX + "generate_seconds",
-            "Seconds the master model took per answer.",
-            buckets=LLM_BUCKETS_S,
-            registry=r,
+        self.generate_seconds = declare.histogram(
+            "generate_seconds", "Seconds the master model took per answer.", LLM_BUCKETS_S
         )
-        self.embed_seconds = Histogram(
-            PREFIX + "embed_seconds",
+        self.embed_seconds = declare.histogram(
+            "embed_seconds",
             "Seconds the master's embedder took per call (cache hits make no call).",
-            buckets=EMBED_BUCKETS_S,
-            registry=r,
+            EMBED_BUCKETS_S,
         )
-        self.reports_ingested = Counter(
-            PREFIX + "reports_ingested",
+        self.reports_ingested = declare.counter(
+            "reports_ingested",
             "New reports stored, by node and result (ok, or error: the node could not do it).",
-            ["node", "result"],
-            registry=r,
+            "node",
+            "result",
         )
-        self.reports_duplicate = Counter(
-            PREFIX + "reports_duplicate",
+        self.reports_duplicate = declare.counter(
+            "reports_duplicate",
             "Reports received again for a (lesson, node) already stored (at-least-once delivery).",
-            ["node"],
-            registry=r,
+            "node",
         )
-        self.node_last_seen = Gauge(
-            NODE_PREFIX + "last_seen_timestamp_seconds",
+        self.node_last_seen = per_node.gauge(
+            "last_seen_timestamp_seconds",
             "Unix time the master last received anything from the node.",
-            ["node"],
-            registry=r,
+            "node",
         )
-        self.node_online = Gauge(
-            NODE_PREFIX + "online",
-            "1 after the node's hello or heartbeat, 0 after its goodbye.",
-            ["node"],
-            registry=r,
+        self.node_online = per_node.gauge(
+            "online", "1 after the node's hello or heartbeat, 0 after its goodbye.", "node"
         )
-        self.node_lessons_done = Gauge(
-            NODE_PREFIX + "lessons_done",
-            "Lessons the node has done, from its latest hello or heartbeat.",
-            ["node"],
-            registry=r,
+        self.node_lessons_done = per_node.gauge(
+            "lessons_done", "Lessons the node has done, from its latest hello or heartbeat.", "node"
         )
-        self.node_adapter_version = Gauge(
-            NODE_PREFIX + "adapter_version",
+        self.node_adapter_version = per_node.gauge(
+            "adapter_version",
             "Train lessons in the node's adapter, from its latest hello or heartbeat.",
-            ["node"],
-            registry=r,
+            "node",
         )
-        self.node_lora_version = Gauge(
-            NODE_PREFIX + "lora_version",
+        self.node_lora_version = per_node.gauge(
+            "lora_version",
             "The LoRA adapter version the node serves (0: its base model alone), from its latest "
             "hello or heartbeat.",
-            ["node"],
-            registry=r,
+            "node",
         )
-        self.node_duplicate_messages = Counter(
-            NODE_PREFIX + "duplicate_messages",
+        self.node_duplicate_messages = per_node.counter(
+            "duplicate_messages",
             "Hellos and heartbeats from one process of a node id while another process of that "
             "id also spoke: two machines with one node id (a cloned SD card); alert on any rise.",
-            ["node"],
-            registry=r,
+            "node",
         )
-        self.figures = ReportFigures(r, NODE_PREFIX, ("node",))
+        self.figures = ReportFigures(self.registry, NODE_PREFIX, ("node",))
 
     def timed_generator(self, generator: TextGenerator) -> TextGenerator:
         """``generator``, recording each answer's duration in generate_seconds."""
@@ -449,6 +449,14 @@ class MasterMetrics(ServiceMetrics):
         return node
 
 
+@contextmanager
+def _observed(histogram: Histogram) -> Iterator[None]:
+    """Observe the block's duration in ``histogram`` if it returns; a raise records nothing."""
+    started = time.perf_counter()
+    yield
+    histogram.observe(time.perf_counter() - started)
+
+
 class _TimedGenerator:
     """A TextGenerator that records how long each successful answer took."""
 
@@ -458,10 +466,8 @@ class _TimedGenerator:
         self.model_name = inner.model_name
 
     def generate(self, prompt: str, params: GenerationParams, system: str | None = None) -> str:
-        started = time.perf_counter()
-        answer = self._inner.generate(prompt, params, system=system)
-        self._histogram.observe(time.perf_counter() - started)
-        return answer
+        with _observed(self._histogram):
+            return self._inner.generate(prompt, params, system=system)
 
 
 class _TimedEmbedder:
@@ -474,10 +480,8 @@ class _TimedEmbedder:
         self.dim = inner.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        started = time.perf_counter()
-        vectors = self._inner.embed(texts)
-        self._histogram.observe(time.perf_counter() - started)
-        return vectors
+        with _observed(self._histogram):
+            return self._inner.embed(texts)
 
 
 @dataclass

@@ -6,9 +6,9 @@ Kept beside :mod:`shared.metrics` (same prefix, the pupil's registry) as the job
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from shared.metrics import PREFIX
+from shared.metrics import Declare
 
 # A round takes minutes to tens of minutes on a Pi.
 ROUND_BUCKETS_S = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
@@ -21,39 +21,27 @@ class StudyMetrics:
     """The served LoRA version and what each study round did."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.lora_version = Gauge(
-            PREFIX + "lora_version",
-            "The LoRA adapter version this node serves (0: the base model alone).",
-            registry=registry,
+        declare = Declare(registry)
+        self.lora_version = declare.gauge(
+            "lora_version", "The LoRA adapter version this node serves (0: the base model alone)."
         )
-        self.rounds = Counter(
-            PREFIX + "study_rounds",
-            "LoRA study rounds, by outcome (promoted, rejected, failed).",
-            ["outcome"],
-            registry=registry,
+        self.rounds = declare.counter(
+            "study_rounds", "LoRA study rounds, by outcome (promoted, rejected, failed).", "outcome"
         )
         for outcome in OUTCOMES:
             self.rounds.labels(outcome)
-        self.round_seconds = Histogram(
-            PREFIX + "study_round_seconds",
+        self.round_seconds = declare.histogram(
+            "study_round_seconds",
             "Wall-clock seconds of a study round (model load, training, validation, export).",
-            buckets=ROUND_BUCKETS_S,
-            registry=registry,
+            ROUND_BUCKETS_S,
         )
-        self.val_loss = Gauge(
-            PREFIX + "study_val_loss",
+        self.val_loss = declare.gauge(
+            "study_val_loss",
             "Mean answer-token loss on the validation slice of train lessons, of the served "
             "adapter (or base) and of the last round's candidate.",
-            ["adapter"],
-            registry=registry,
+            "adapter",
         )
-        self.peak_rss = Gauge(
-            PREFIX + "study_peak_rss_bytes",
-            "Peak resident memory of the last study round's process.",
-            registry=registry,
+        self.peak_rss = declare.gauge(
+            "study_peak_rss_bytes", "Peak resident memory of the last study round's process."
         )
-        self.studying = Gauge(
-            PREFIX + "studying",
-            "1 while a study round runs in the background.",
-            registry=registry,
-        )
+        self.studying = declare.gauge("studying", "1 while a study round runs in the background.")
