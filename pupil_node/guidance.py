@@ -53,37 +53,25 @@ class Answer:
     examples: tuple[str, ...] = ()  # lesson ids of retrieval examples, for audit and tests
 
 
+@dataclass(eq=False)
 class Guide:
     """Produces answers by any guidance method for one pupil."""
 
-    def __init__(
-        self,
-        config: GuidanceConfig,
-        generator_config: GeneratorConfig,
-        generator: TextGenerator,
-        embedder: Embedder,
-        params: GenerationParams,
-        memory: LessonMemory,
-        predict_master: Callable[[np.ndarray], np.ndarray],
-        served: Callable[[], TextGenerator | None] = lambda: None,
-    ) -> None:
-        self.config = config
-        # The base model with the served LoRA adapter, or None before the first promotion.
-        self.served = served
-        self.generator_config = generator_config
-        self.generator = generator
-        self.embedder = embedder
-        self.params = params
-        self.memory = memory
-        self.predict_master = predict_master
+    config: GuidanceConfig
+    generator_config: GeneratorConfig
+    generator: TextGenerator
+    embedder: Embedder
+    params: GenerationParams
+    memory: LessonMemory
+    predict_master: Callable[[np.ndarray], np.ndarray]
+    # The base model with the served LoRA adapter, or None before the first promotion.
+    served: Callable[[], TextGenerator | None] = lambda: None
 
     def limited(self, max_tokens: int) -> Guide:
         """The same guide with answers capped at ``max_tokens`` (a job kind's cap)."""
-        params = replace(self.params, max_tokens=min(max_tokens, self.params.max_tokens))
-        return Guide(
-            self.config, self.generator_config, self.generator, self.embedder, params,
-            self.memory, self.predict_master, self.served,
-        )  # fmt: skip
+        return replace(
+            self, params=replace(self.params, max_tokens=min(max_tokens, self.params.max_tokens))
+        )
 
     def prompt(self, goal: Goal, examples: Sequence[tuple[str, str]] = ()) -> str:
         """The pupil's prompt for ``goal``, with optional worked examples."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pupil_node.node import PupilNode
@@ -36,23 +37,16 @@ from shared.topology import Topology
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class JobWorker:
     """Handles deliveries from the job queues of one pupil node."""
 
-    def __init__(
-        self,
-        node: PupilNode,
-        publisher: Publisher,
-        topology: Topology,
-        metrics: PupilJobMetrics,
-        model: Dependency | None = None,
-    ) -> None:
-        self.node = node
-        self.publisher = publisher
-        self.topology = topology
-        self.metrics = metrics
-        # The node's model as a dependency: an outage noticed here pauses the job consumer.
-        self.model = model
+    node: PupilNode
+    publisher: Publisher
+    topology: Topology
+    metrics: PupilJobMetrics
+    # The node's model as a dependency: an outage noticed here pauses the job consumer.
+    model: Dependency | None = None
 
     def handle(self, delivery: Delivery) -> None:
         """Do one job; raises DecodeError for a job to dead-letter (after telling the master)."""
