@@ -30,6 +30,16 @@ _PUPIL_DECLARE_HINTS = {
 }
 
 
+class _Named:
+    """A name in one swarm's namespace, read from a :class:`Topology`: ``<namespace>.<suffix>``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def __get__(self, topology: Topology, owner: type[Topology]) -> str:
+        return f"{topology.namespace}.{self.suffix}"
+
+
 @dataclass(frozen=True)
 class Topology:
     """Names and declarations of every exchange and queue of one swarm."""
@@ -39,47 +49,19 @@ class Topology:
     # Job kinds the master offloads: it declares one shared queue per kind (docs/jobs.md).
     job_kinds: tuple[str, ...] = ()
 
-    @property
-    def lessons_exchange(self) -> str:
-        return f"{self.namespace}.lessons"
-
-    @property
-    def jobs_exchange(self) -> str:
-        return f"{self.namespace}.jobs"
-
-    @property
-    def reports_exchange(self) -> str:
-        return f"{self.namespace}.reports"
-
-    @property
-    def control_exchange(self) -> str:
-        return f"{self.namespace}.control"
-
-    @property
-    def dead_exchange(self) -> str:
-        return f"{self.namespace}.dead"
-
-    @property
-    def reports_queue(self) -> str:
-        return f"{self.namespace}.master.reports"
-
-    @property
-    def control_queue(self) -> str:
-        return f"{self.namespace}.master.control"
-
-    @property
-    def dead_queue(self) -> str:
-        return f"{self.namespace}.dead"
-
-    @property
-    def job_submissions_queue(self) -> str:
-        """Where submitters' jobs wait for the master (bound to jobs with ``SUBMIT_KEY``)."""
-        return f"{self.namespace}.master.jobs"
-
-    @property
-    def job_results_queue(self) -> str:
-        """Where pupils' job results wait for the master (bound to reports, ``JOB_RESULT_KEY``)."""
-        return f"{self.namespace}.master.job-results"
+    # Every exchange and master queue: ``<namespace>.<suffix>``.
+    lessons_exchange = _Named("lessons")
+    jobs_exchange = _Named("jobs")
+    reports_exchange = _Named("reports")
+    control_exchange = _Named("control")
+    dead_exchange = _Named("dead")
+    reports_queue = _Named("master.reports")
+    control_queue = _Named("master.control")
+    dead_queue = _Named("dead")
+    # Where submitters' jobs wait for the master (bound to jobs with ``SUBMIT_KEY``).
+    job_submissions_queue = _Named("master.jobs")
+    # Where pupils' job results wait for the master (bound to reports, ``JOB_RESULT_KEY``).
+    job_results_queue = _Named("master.job-results")
 
     # Routing key of reports on the direct reports exchange.
     REPORT_KEY = "report"
