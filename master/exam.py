@@ -91,18 +91,14 @@ class ExamStore:
     def add_report(self, report: Report) -> bool:
         """Store an exam report; False if it came before (a redelivery)."""
         assert report.exam_id is not None, "only exam reports go here"
+        now = datetime.now(UTC).isoformat()
+        row = (report.exam_id, report.lesson_id, report.node_id, report.model_dump_json(), now)
         with self._store.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO exam_reports VALUES (?, ?, ?, ?, ?, 1) "
                 "ON CONFLICT (exam_id, lesson_id, node_id) DO UPDATE SET "
                 "deliveries = deliveries + 1 RETURNING deliveries",
-                (
-                    report.exam_id,
-                    report.lesson_id,
-                    report.node_id,
-                    report.model_dump_json(),
-                    datetime.now(UTC).isoformat(),
-                ),
+                row,
             )
             (deliveries,) = cursor.fetchone()
             return bool(deliveries == 1)
