@@ -25,7 +25,7 @@ from master.status import format_json, format_table
 from master.store import Store
 from shared.backends import embedder_from, generator_from
 from shared.broker import Publisher
-from shared.cli_options import ConfigOpt, StoreOpt, master_store
+from shared.cli_options import ConfigOpt, JsonOpt, StoreOpt, master_store
 from shared.cli_support import (
     ExitCode,
     exit_on_errors,
@@ -94,7 +94,7 @@ def run(
 def status(
     config: ConfigOpt = None,
     store: StoreOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Every node with last seen, lessons done, latest loss and eval similarity."""
     settings, path = master_store(config, store)
@@ -115,7 +115,7 @@ def evaluate(
     judge_limit: Annotated[
         int, typer.Option(min=1, help="With --judge: judge up to this many lessons per node.")
     ] = DEFAULT_LIMIT_PER_NODE,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
     bootstrap: Annotated[
         int, typer.Option(min=100, max=1_000_000, help="Bootstrap resamples for the 95% CIs.")
     ] = DEFAULT_RESAMPLES,

@@ -12,6 +12,7 @@ from shared.config import Settings
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
 StoreOpt = Annotated[Path | None, typer.Option(help="SQLite store path.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def master_store(config: Path | None, store: Path | None) -> tuple[Settings, Path]:
