@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pupil_node.study.data import StudyLesson
 from pupil_node.study.round import ROUND_FILE, StudySettings
-from pupil_node.study.train import TrainSettings
+from pupil_node.study.train import TARGETS, TrainSettings
 from pupil_node.study.versions import AdapterStore, AdapterVersion
 from pupil_node.study.worker import RoundRequest, settings_to_json, write_lessons
 from shared.config import StudyConfig
@@ -323,6 +323,7 @@ def study_settings(
         batch_size=config.batch_size,
         max_steps=config.max_steps,
         threads=threads,
+        target_modules=TARGETS[config.targets],
     )
     return StudySettings(
         train=train,

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     import torch
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# `pupil.study.targets` -> the projections that carry the LoRA (bench/lora_sweep.py compares them).
+TARGETS = {
+    "all": TARGET_MODULES,
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Positions per chunk of the output layer's loss: 64 x 262,144 float32 logits are 64 MiB.

@@ -57,3 +57,30 @@ def test_an_exam_waits_for_nothing_when_no_round_runs_or_is_due(tmp_path: Path) 
     study = scheduler(tmp_path)
     study.lesson_done(trained=True)  # one new lesson: not due (every_lessons=2)
     assert study.wait_for_round(timeout_s=0.01)
+
+
+def test_the_study_section_chooses_which_projections_carry_the_lora(tmp_path: Path) -> None:
+    """`targets = "mlp"` reaches the round (and a round's child) as the MLP projections only."""
+    import pytest
+
+    from pupil_node.study.scheduler import study_settings
+    from pupil_node.study.worker import settings_from_json, settings_to_json
+    from shared.config import load_settings
+    from shared.errors import ConfigError
+
+    def settings(targets: str) -> StudySettings:
+        config = StudyConfig(targets=targets)  # type: ignore[arg-type]
+        return study_settings(config, None, tmp_path, "pupil.j2", None)
+
+    assert settings("all").train.target_modules == (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
+    mlp = settings("mlp")
+    assert mlp.train.target_modules == ("gate_proj", "up_proj", "down_proj")
+    assert (
+        settings_from_json(settings_to_json(mlp)).train.target_modules == mlp.train.target_modules
+    )
+    toml = tmp_path / "swarm.toml"
+    toml.write_text('[pupil.study]\ntargets = "embeddings"\n')
+    with pytest.raises(ConfigError, match="targets"):
+        load_settings(toml)
