@@ -35,7 +35,7 @@ examples = 2
 """
 
 
-def study_config(every: int, max_steps: int) -> str:
+def study_config(every: int, max_steps: int, targets: str = "all") -> str:
     """The [pupil.study] section of the benchmark."""
     return f"""
 [pupil.study]
@@ -49,6 +49,7 @@ learning_rate = 2e-4
 rank = 16
 alpha = 32
 max_len = 256
+targets = "{targets}"
 threads = 1
 """
 
@@ -61,14 +62,14 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=40)
     # Another seed is another replicate: other pupil samples, other training batches' order.
     parser.add_argument("--seed", type=int, default=0, help="the pupils' sampling seed")
+    parser.add_argument("--targets", default="all", choices=("all", "attention", "mlp"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
     parser.add_argument("--timeout-s", type=float, default=3 * 3600)
     args = parser.parse_args()
+    study = study_config(args.every, args.max_steps, args.targets)
     return run_and_evaluate(
         # A greedy master (as in the demo): one consistent target, ceiling 1.
-        lambda url, ns: bench_config(
-            url, ns, 0.0, GUIDANCE, study_config(args.every, args.max_steps), args.seed
-        ),
+        lambda url, ns: bench_config(url, ns, 0.0, GUIDANCE, study, args.seed),
         args.nodes,
         args.out,
         args.timeout_s,
