@@ -100,7 +100,7 @@ def rollback(
     Stop the node first: its state directory is locked while it runs.
     """
     setup_logging("WARNING")
-    settings, state = _open_state(config, node_id, state_dir)
+    settings, state = _open_state(config, node_id, state_dir, must_exist=True)
     cfg = settings.pupil
     from pupil_node.study.serving import LORA_DIR
     from pupil_node.study.versions import AdapterStore
@@ -130,11 +130,15 @@ def import_adapter(
     `pupil rollback` goes back to what the node served before. Stop the node first.
     """
     setup_logging("WARNING")
+    from pupil_node.study.serving import LORA_DIR
+    from pupil_node.study.versions import AdapterStore, version_dir_problem
+
+    # Checked before the node's state directory is opened (and, for a new node, created).
+    problem = version_dir_problem(adapter)
+    if problem is not None:
+        fail(f"cannot import '{adapter}': {problem}")
     settings, state = _open_state(config, node_id, state_dir)
     cfg = settings.pupil
-    from pupil_node.study.serving import LORA_DIR
-    from pupil_node.study.versions import AdapterStore
-
     try:
         store = AdapterStore(state.path / LORA_DIR, cfg.study.keep_versions)
         try:
@@ -185,12 +189,17 @@ def base_gguf_from(sources: list[Source]) -> Path | None:
 
 
 def _open_state(
-    config: Path | None, node_id: str | None, state_dir: Path | None
+    config: Path | None,
+    node_id: str | None,
+    state_dir: Path | None,
+    *,
+    must_exist: bool = False,
 ) -> tuple[Settings, NodeState]:
     """The settings, and the node's state directory opened (locked, owned by the node id).
 
-    Exits with one ``error:`` line for a missing node id, bad settings, or a directory that is
-    in use or belongs to another node.
+    Exits with one ``error:`` line for a missing node id, bad settings, a directory that is in
+    use or belongs to another node, or (``must_exist``) no directory at all: a mistyped node id
+    must not leave an empty state directory behind.
     """
     from pupil_node.state import NodeState, resolve_state_dir
 
@@ -198,6 +207,9 @@ def _open_state(
     cfg = settings.pupil
     if cfg.node_id is None:
         fail("no node id: give --node-id NAME or set pupil.node_id")
+    path = resolve_state_dir(cfg.state_dir, cfg.node_id)
+    if must_exist and not path.is_dir():
+        fail(f"node '{cfg.node_id}' has no state directory at {path}: has it ever run here?")
     with exit_on_errors():
-        state = NodeState.open(resolve_state_dir(cfg.state_dir, cfg.node_id), cfg.node_id)
+        state = NodeState.open(path, cfg.node_id)
     return settings, state

@@ -56,6 +56,14 @@ class AdapterVersion:
         return self.directory / PEFT_DIR
 
 
+def version_dir_problem(source: Path) -> str | None:
+    """Why ``source`` is not a version directory (round.json, adapter.gguf, peft/), or None."""
+    for needed in (ROUND_FILE, GGUF_FILE, PEFT_DIR):
+        if not (Path(source) / needed).exists():
+            return f"'{source}' is not an adapter version directory (no {needed})"
+    return None
+
+
 class AdapterStore:
     """Promoted LoRA versions of one node, under ``root`` (``<state_dir>/lora``)."""
 
@@ -152,9 +160,9 @@ class AdapterStore:
         It is served from the node's next start, and the next round resumes from it; the
         versions before it stay for rollback. Raises ValueError if its files do not verify.
         """
-        for needed in (ROUND_FILE, GGUF_FILE, PEFT_DIR):
-            if not (Path(source) / needed).exists():
-                raise ValueError(f"'{source}' is not an adapter version directory (no {needed})")
+        problem = version_dir_problem(source)
+        if problem is not None:
+            raise ValueError(problem)
         version = max(self.versions(), default=0) + 1
         candidate = self.candidate_dir(version)
         shutil.rmtree(candidate)

@@ -153,19 +153,20 @@ def test_the_cli_averages_then_a_new_node_serves_the_swarm_adapter(tmp_path: Pat
     assert back.exit_code == 0 and AdapterStore(state / "lora").served() is None
 
 
-def test_import_refuses_what_is_not_an_adapter_version(tmp_path: Path) -> None:
+def test_import_and_rollback_refuse_without_leaving_a_state_directory(tmp_path: Path) -> None:
+    """A wrong path or a mistyped node id fails in one line and creates nothing."""
     from distill_swarm.cli import app
 
     (tmp_path / "empty").mkdir()
-    args = [
-        "pupil",
-        "import-adapter",
-        str(tmp_path / "empty"),
-        "--node-id",
-        "n",
-        "--state-dir",
-        str(tmp_path / "s"),
-    ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code != 0
+    state = tmp_path / "s"
+    runner = CliRunner()
+    args = ["pupil", "import-adapter", str(tmp_path / "empty"), "--node-id", "n"]
+    result = runner.invoke(app, [*args, "--state-dir", str(state)])
+    assert result.exit_code == 2
     assert "not an adapter version directory" in result.output
+    assert not state.exists()
+
+    back = runner.invoke(app, ["pupil", "rollback", "--node-id", "typo", "--state-dir", str(state)])
+    assert back.exit_code == 2
+    assert "has no state directory" in back.output
+    assert not state.exists()
