@@ -1,7 +1,7 @@
 """Benchmark: one LoRA study round on the benchmark's train lessons, on this machine's CPU.
 
     .venv/bin/python bench/lora_round.py [--train 100] [--eval 36] [--steps 25] [--batch 4]
-        [--threads 2] [--dtype bfloat16] [--targets all|attn|mlp]
+        [--threads 2] [--dtype bfloat16] [--targets all|attention|mlp]
         [--out bench/results/lora-round]
     .venv/bin/python bench/lora_round.py --measure-load   # base load: cold (GGUF) vs cached
 
@@ -33,15 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pupil_node.study.data import StudyLesson  # noqa: E402
+from pupil_node.study.train import TARGETS  # noqa: E402
 
 BENCHMARK = ROOT / "master" / "prompt_sets" / "benchmark.jsonl"
 MAX_TOKENS = 64
-# Which projections carry the LoRA.
-TARGETS = {
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
 
 
 def master_answers(out: Path, prompts: list[dict[str, str]]) -> dict[str, str]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from alignment import bench_config, run_and_evaluate
 
+from pupil_node.study.train import TARGETS
+
 ROOT = Path(__file__).resolve().parent.parent
 # 108 train lessons reach every pupil: rounds after 54 and 108 of them.
 DEFAULT_EVERY = 54
@@ -62,7 +64,7 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=40)
     # Another seed is another replicate: other pupil samples, other training batches' order.
     parser.add_argument("--seed", type=int, default=0, help="the pupils' sampling seed")
-    parser.add_argument("--targets", default="all", choices=("all", "attention", "mlp"))
+    parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
     parser.add_argument("--timeout-s", type=float, default=3 * 3600)
     args = parser.parse_args()

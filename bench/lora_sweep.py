@@ -49,7 +49,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "default r16 all 256 bf16": {},
     "rank 8": {"--rank": "8", "--alpha": "16"},
     "rank 4": {"--rank": "4", "--alpha": "8"},
-    "attention only": {"--targets": "attn"},
+    "attention only": {"--targets": "attention"},
     "MLP only": {"--targets": "mlp"},
     "max_len 128": {"--max-len": "128"},
     "f32 base (no bf16 CPU)": {"--dtype": "float32"},

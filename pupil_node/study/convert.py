@@ -74,10 +74,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: Any) -> None:
         if tensor.name not in names:
             continue
         if tensor.name in SLICED and tensor.data.ndim == 2:
-            rows = tensor.data.shape[0]
-            first = dequantize(tensor.data[:1], tensor.tensor_type)
-            result = torch.empty((rows, first.shape[-1]), dtype=dtype)
-            for start in range(0, rows, ROWS_PER_SLICE):
+            # GGUF shapes are ggml's ne, innermost first: (row length, rows).
+            result = torch.empty((int(tensor.shape[1]), int(tensor.shape[0])), dtype=dtype)
+            for start in range(0, result.shape[0], ROWS_PER_SLICE):
                 part = dequantize(tensor.data[start : start + ROWS_PER_SLICE], tensor.tensor_type)
                 result[start : start + ROWS_PER_SLICE] = torch.from_numpy(
                     np.ascontiguousarray(part)

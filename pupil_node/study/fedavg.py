@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,6 @@ class AverageResult:
     energy_kept_mean: float
     peft_dir: str = ""
     gguf_path: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def read_adapter(peft_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
@@ -162,13 +161,13 @@ def average_adapters(
         x.lessons / total * float(c["lora_alpha"]) / int(c["r"])
         for x, (c, _) in zip(sources, read, strict=True)
     ]
+    # peft applies B @ A * alpha / r: undo that scale, split evenly between the factors.
+    root = np.float32(np.sqrt(rank / alpha))
     out_tensors: dict[str, np.ndarray] = {}
     kept: list[float] = []
     for name in sorted(first):
         factors = [(m[name]["A"], m[name]["B"], c) for (_, m), c in zip(read, scales, strict=True)]
         a, b, share = average_factors(factors, rank)
-        # peft applies B @ A * alpha / r: undo that scale, split evenly between the factors.
-        root = np.float32(np.sqrt(rank / alpha))
         out_tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a * root)
         out_tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b * root)
         kept.append(share)

@@ -150,9 +150,7 @@ def _frozen_head_function() -> Any:
             for start in range(0, hidden.shape[0], chunk):
                 h, t = hidden[start : start + chunk], targets[start : start + chunk]
                 logits = torch.nn.functional.linear(h, weight).float()
-                capped = torch.tanh(logits / softcap) if softcap else logits
-                if softcap:
-                    capped = capped * softcap
+                capped = torch.tanh(logits / softcap) * softcap if softcap else logits
                 lse = torch.logsumexp(capped, dim=-1)
                 rows = torch.arange(t.shape[0])
                 total += (lse - capped[rows, t]).sum()

@@ -165,8 +165,7 @@ class AdapterStore:
             raise ValueError(problem)
         version = max(self.versions(), default=0) + 1
         candidate = self.candidate_dir(version)
-        shutil.rmtree(candidate)
-        shutil.copytree(source, candidate)
+        shutil.copytree(source, candidate, dirs_exist_ok=True)
         meta = json.loads((candidate / ROUND_FILE).read_text())
         meta["version"] = version  # the version this node knows it by
         (candidate / ROUND_FILE).write_text(json.dumps(meta, indent=2) + "\n")
