@@ -1,6 +1,7 @@
 """Shared fixtures: a real RabbitMQ for every broker test, each test in its own namespace.
 
-Broker, in order of preference: a RabbitMQ testcontainer when a Docker engine answers; else
+Broker, in order of preference: a RabbitMQ testcontainer when a Docker engine answers and holds
+the image; else
 ``AMQP_URL``; else the local broker at 127.0.0.1:5672. Outside CI an unreachable broker skips the
 broker tests; under ``CI=true`` it fails them, so a broken CI machine can never look green.
 """
@@ -24,11 +25,21 @@ TEST_NODE_IDS = ("a", "b", "pupil-1", "pupil-2")
 pytest_plugins = ["tests.support.live_swarm"]
 
 
-def _docker_engine_answers() -> bool:
+RABBITMQ_IMAGE = "rabbitmq:3.13-management"
+
+
+def _docker_engine_has_rabbitmq() -> bool:
+    """A Docker engine answers and already holds the RabbitMQ image.
+
+    Holds, not can pull: on a machine that reaches no image registry (CI here, whose engine only
+    runs the compose test's locally built images, scripts/docker-engine) a pull would fail every
+    broker test instead of falling back to the local broker.
+    """
     try:
         import docker
 
-        docker.from_env(timeout=3).ping()
+        client = docker.from_env(timeout=3)
+        client.images.get(RABBITMQ_IMAGE)
         return True
     except Exception:
         return False
@@ -47,10 +58,10 @@ def _reachable(url: str) -> str | None:
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
     """The URL of a real, running RabbitMQ."""
-    if not os.environ.get("AMQP_URL") and _docker_engine_answers():
+    if not os.environ.get("AMQP_URL") and _docker_engine_has_rabbitmq():
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        with RabbitMqContainer("rabbitmq:3.13-management") as container:
+        with RabbitMqContainer(RABBITMQ_IMAGE) as container:
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/%2F"
         return
