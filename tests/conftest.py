@@ -1,9 +1,9 @@
 """Shared fixtures: a real RabbitMQ for every broker test, each test in its own namespace.
 
 Broker, in order of preference: a RabbitMQ testcontainer when a Docker engine answers and holds
-the image; else
-``AMQP_URL``; else the local broker at 127.0.0.1:5672. Outside CI an unreachable broker skips the
-broker tests; under ``CI=true`` it fails them, so a broken CI machine can never look green.
+the image; else ``AMQP_URL``; else the local broker at 127.0.0.1:5672. Outside CI an unreachable
+broker skips the broker tests; under ``CI=true`` it fails them, so a broken CI machine can never
+look green.
 """
 
 from __future__ import annotations
