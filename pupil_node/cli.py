@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -46,6 +47,9 @@ def run(
 ) -> None:
     """Consume lessons, answer, train the adapter, report back."""
     setup_logging(log_level)
+    if importlib.util.find_spec("torch") is None:
+        # The base install is the master's (pyproject.toml): torch comes with the pupil extra.
+        fail("torch is not installed: a pupil needs it; pip install 'distill-swarm[pupil]'")
     # Before anything slow: a second process on this state dir, or a dir of another node,
     # is refused in a moment, before it loads models or binds the metrics port.
     settings, state = _open_state(config, node_id, state_dir)

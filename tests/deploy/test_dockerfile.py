@@ -42,12 +42,40 @@ def _final_stage() -> list[tuple[str, str]]:
     return instructions[last_from:]
 
 
-def test_dockerfile_installs_exactly_the_pinned_torch() -> None:
-    text = DOCKERFILE.read_text()
-    assert TORCH_PIN in text
-    assert ("ARG", f'TORCH_SPEC="{TORCH_PIN}"') in _instructions()
-    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
-    assert TORCH_PIN in dependencies, "pyproject.toml and the Dockerfile pin different torch"
+def _global_args() -> dict[str, str]:
+    """ARGs before the first FROM (usable in FROM lines), name -> default."""
+    args = {}
+    for word, rest in _instructions():
+        if word == "FROM":
+            break
+        if word == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default.strip('"')
+    return args
+
+
+def test_master_image_installs_no_torch_and_the_pupil_extra_pins_it() -> None:
+    runs = "\n".join(args for word, args in _instructions() if word == "RUN")
+    assert "torch==" not in runs and "TORCH_SPEC" not in DOCKERFILE.read_text()
+    # The build fails if any dependency brought torch in after all.
+    assert "find_spec('torch')" in runs
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    assert not any(dep.startswith("torch") for dep in project["dependencies"])
+    extras = project["optional-dependencies"]
+    for extra in ("pupil", "embedded", "study"):
+        torch_deps = [dep for dep in extras[extra] if dep.startswith("torch")]
+        assert torch_deps == [TORCH_PIN], f"[{extra}] must pin {TORCH_PIN} exactly"
+
+
+def test_build_inputs_for_an_air_gapped_build() -> None:
+    stage = _instructions()
+    copies = [args for word, args in stage if word == "COPY"]
+    assert "deploy/build-inputs/ /build-inputs/" in copies
+    run = next(args for word, args in stage if word == "RUN" and '".[master]"' in args)
+    assert "PIP_CERT=/build-inputs/ca.crt" in run
+    assert "PIP_NO_INDEX=1 PIP_FIND_LINKS=/build-inputs/wheels" in run
+    readme = ROOT / "deploy" / "build-inputs" / "README.md"
+    assert "ca.crt" in readme.read_text() and "wheels/" in readme.read_text()
 
 
 def test_dockerfile_uses_pypi_only_and_the_master_extra() -> None:
@@ -61,13 +89,14 @@ def test_dockerfile_uses_pypi_only_and_the_master_extra() -> None:
 
 def test_dockerfile_runs_as_a_non_root_user() -> None:
     stage = _final_stage()
-    assert stage[0] == ("FROM", "python:3.11-slim")
+    assert stage[0] == ("FROM", "${PYTHON_IMAGE}")
+    assert _global_args() == {"PYTHON_IMAGE": "python:3.11-slim"}
     users = [args for word, args in stage if word == "USER"]
     assert users, "the final stage sets no USER"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}
     bases = [args.split(" ")[0] for word, args in _instructions() if word == "FROM"]
-    assert set(bases) == {"python:3.11-slim"}
+    assert set(bases) == {"${PYTHON_IMAGE}"}
 
 
 def test_dockerfile_entrypoint_workdir_and_data_volume() -> None:
