@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from distill_swarm.demo import run_demo
+from distill_swarm.demo import DEMO_MODELS, run_demo
 from shared.cli_support import exit_on_errors, setup_logging
 
 app = typer.Typer(
@@ -54,12 +54,21 @@ def demo(
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=8, max=1024, help="Answer length cap.")] = 64,
     timeout_s: Annotated[float, typer.Option(min=10, help="Give up after this long.")] = 1200,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="embedded: the models run in each process; ollama: the same models from the "
+            "Ollama server at $OLLAMA_HOST (scripts/demo --backend ollama starts one)."
+        ),
+    ] = "embedded",
 ) -> None:
-    """Run a master and N pupils on the embedded models over a local RabbitMQ."""
+    """Run a master and N pupils on the embedded models (or Ollama) over a local RabbitMQ."""
     setup_logging("WARNING")
+    if backend not in DEMO_MODELS:
+        raise typer.BadParameter(f"use one of: {', '.join(DEMO_MODELS)}", param_hint="--backend")
     directory = workdir or Path(tempfile.mkdtemp(prefix="distill-swarm-demo-"))
     with exit_on_errors():
-        code = run_demo(nodes, prompts, directory, max_tokens, timeout_s)
+        code = run_demo(nodes, prompts, directory, max_tokens, timeout_s, backend)
     raise typer.Exit(code)
 
 

@@ -1,6 +1,8 @@
 """`distill-swarm demo`: a master and N pupils as separate processes over a real RabbitMQ.
 
-Runs on the embedded models (no Ollama, no network). Master and pupils share the one packaged text
+Runs on the embedded models (no Ollama, no network), or with ``backend="ollama"`` on the same two
+models served by an Ollama server at ``$OLLAMA_HOST`` (``scripts/demo --backend ollama`` starts
+one: ``scripts/ollama-server``). Master and pupils share the one packaged text
 model, so the master is made distinct on purpose: its own template (an expert persona answering in
 a fixed, concise structure) and greedy decoding, while pupils use the seed's plain template and
 sample at temperature 0.8. That gap is what the pupils' adapters learn.
@@ -33,11 +35,21 @@ from shared.namespace import delete_namespace
 
 BUNDLED_PROMPTS = "demo.jsonl"  # in master/prompt_sets
 POLL_S = 0.5
+# The demo's (text model, embedding model) for each backend kind: the same Gemma 3 270M and
+# all-MiniLM-L6-v2 either way, in each process or from Ollama (as scripts/ollama-server names them).
+DEMO_MODELS = {
+    "embedded": ("gemma3-270m", "all-minilm-l6-v2"),
+    "ollama": ("gemma3:270m", "all-minilm"),
+}
 GOODBYE_WAIT_S = 10.0
 
 
-def demo_config(broker_url: str, namespace: str, max_tokens: int) -> str:
-    """The TOML config every demo process reads (written to the work dir for people to look at)."""
+def demo_config(broker_url: str, namespace: str, max_tokens: int, backend: str = "embedded") -> str:
+    """The TOML config every demo process reads (written to the work dir for people to look at).
+
+    ``backend`` is ``"embedded"`` or ``"ollama"`` (the server at ``$OLLAMA_HOST``).
+    """
+    text_model, embedding_model = DEMO_MODELS[backend]
     return f"""# Written by `distill-swarm demo`: one file for the master and every pupil.
 [broker]
 url = "{broker_url}"
@@ -53,32 +65,32 @@ expect_nodes_timeout_s = 300
 sample_rate = 1.0          # the demo compares every offloaded job with the master's own answer
 
 [master.generator]
-kind = "embedded"
-model = "gemma3-270m"
+kind = "{backend}"
+model = "{text_model}"
 template = "master.j2"
 temperature = 0.0          # greedy: the master's answer is its most likely one
 max_tokens = {max_tokens}
 threads = 1                # three processes share 2 cores
 
 [master.embedder]
-kind = "embedded"
-model = "all-minilm-l6-v2"
+kind = "{backend}"
+model = "{embedding_model}"
 
 [pupil]
 heartbeat_interval_s = 5
 metrics_port = 0           # N pupils cannot share one port; the master's /metrics shows them all
 
 [pupil.generator]
-kind = "embedded"
-model = "gemma3-270m"
+kind = "{backend}"
+model = "{text_model}"
 template = "pupil.j2"
 temperature = 0.8          # sampling: a different style from the master's
 max_tokens = {max_tokens}
 threads = 1
 
 [pupil.embedder]
-kind = "embedded"
-model = "all-minilm-l6-v2"
+kind = "{backend}"
+model = "{embedding_model}"
 
 [pupil.adapter]
 hidden_dim = 256
@@ -100,11 +112,16 @@ def broker_reachable(url: str) -> bool:
 
 
 def run_demo(
-    nodes: int, prompts: Path | None, workdir: Path, max_tokens: int, timeout_s: float
+    nodes: int,
+    prompts: Path | None,
+    workdir: Path,
+    max_tokens: int,
+    timeout_s: float,
+    backend: str = "embedded",
 ) -> int:
     """Run the whole demo, lessons then jobs; returns a process exit code.
 
-    ``prompts`` None: the bundled 16-prompt set.
+    ``prompts`` None: the bundled 16-prompt set. ``backend``: see :func:`demo_config`.
     """
     with (
         bundled_prompt_set(BUNDLED_PROMPTS) if prompts is None else contextlib.nullcontext(prompts)
@@ -114,7 +131,7 @@ def run_demo(
             workdir,
             nodes,
             timeout_s,
-            lambda url, ns: demo_config(url, ns, max_tokens),
+            lambda url, ns: demo_config(url, ns, max_tokens, backend),
             with_jobs=True,
         )
 

@@ -152,6 +152,14 @@ class ModelNotFound(BackendError):
     """The model server answered but does not have the requested model."""
 
 
+class ModelNotPulled(ModelNotFound, ModelDown):
+    """A model server (Ollama) answers but has not got the model yet: it may be pulled any time.
+
+    An outage, not a bad message: consumers hold the lesson and probe until the model is there,
+    so a node started before its `ollama pull` finished loses no lesson to the dead letters.
+    """
+
+
 class CheckpointError(DistillSwarmError):
     """An adapter checkpoint is missing, corrupt, or does not fit the adapter."""
 

@@ -3,9 +3,10 @@
 Every call goes through one retry loop: transient failures (connection refused or reset, HTTP 429
 and 5xx) are retried a bounded number of times with exponential backoff and jitter; a missing
 model (HTTP 404) and other client errors are not. Library exceptions never leak: they become
-``BackendUnreachable`` or ``BackendUnavailable`` (both ``ModelDown``: an outage, which consumers
-wait out instead of dead-lettering the message), ``ModelNotFound`` or ``BackendError``, each one
-line naming the URL and the model. ``probe()`` asks the server, once, whether it is back.
+``BackendUnreachable``, ``BackendUnavailable`` or ``ModelNotPulled`` (all ``ModelDown``: an outage,
+which consumers wait out instead of dead-lettering the message: a server restarting or a model
+still being pulled loses no lesson) or ``BackendError``, each one line naming the URL and the
+model. ``probe()`` asks the server, once, whether it is back and has the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import ollama
 
 from shared.backends import GenerationParams
-from shared.errors import BackendError, BackendUnavailable, BackendUnreachable, ModelNotFound
+from shared.errors import BackendError, BackendUnavailable, BackendUnreachable, ModelNotPulled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 UNAVAILABLE_STATUS = frozenset({429, 502, 503, 504})
 # Embedded once at construction to learn the model's dimension (see OllamaEmbedder).
 DIM_PROBE_TEXT = "dimension probe"
+# Ollama 0.5.5 replaced the Modelfile text of ``POST /api/create`` with fields (``from``,
+# ``adapters``, ...) and stopped reading the text; older servers read only the text.
+STRUCTURED_CREATE_SINCE = (0, 5, 5)
+# Hex digits of the adapter's sha256 in a LoRA model's name: unique enough among one node's
+# versions and the nodes sharing a server.
+ADAPTER_DIGEST_CHARS = 12
 
 # Older clients have no ``think`` argument; newer servers accept ``think=False`` for any model.
 _CLIENT_HAS_THINK = "think" in inspect.signature(ollama.Client.chat).parameters
@@ -110,9 +117,7 @@ class _OllamaConnection:
 
     def _raise_unless_retryable(self, model: str, e: ollama.ResponseError, attempt: int) -> None:
         if e.status_code == 404 and "not found" in str(e.error):
-            raise ModelNotFound(
-                f"Ollama at {self.url} has no model '{model}'; run `ollama pull {model}`"
-            ) from None
+            raise self._not_pulled(model) from None
         if e.status_code in UNAVAILABLE_STATUS and attempt == MAX_ATTEMPTS:
             raise BackendUnavailable(
                 f"Ollama at {self.url} cannot serve model '{model}' now: "
@@ -125,21 +130,48 @@ class _OllamaConnection:
             ) from None
 
     def probe(self, model: str) -> None:
-        """Ask the server once (``GET /api/tags``, no retries) whether it answers.
+        """Ask the server once (``GET /api/tags``, no retries) whether it answers with ``model``.
 
-        Raises BackendUnreachable or BackendUnavailable while it is down; returns when it is up.
-        Cheap on purpose: it runs every few seconds during an outage and loads no model.
+        Raises BackendUnreachable or BackendUnavailable while it is down, ModelNotPulled while it
+        is up without the model; returns when it is up with it. Cheap on purpose: it runs every
+        few seconds during an outage and loads no model.
         """
         try:
-            self.client.list()
+            listed = self.client.list()
         except ollama.ResponseError as e:
             if e.status_code in UNAVAILABLE_STATUS or e.status_code >= 500:
                 raise BackendUnavailable(
                     f"Ollama at {self.url} (model '{model}') answered HTTP {e.status_code}: "
                     f"{_one_line(e.error)}"
                 ) from None
+            return
         except (ConnectionError, httpx.TransportError) as e:
             raise self._unreachable(model, _one_line(e.__context__ or e)) from None
+        if _tagged(model) not in {_tagged(m.model or "") for m in listed.models}:
+            raise self._not_pulled(model)
+
+    def server_version(self, model: str) -> tuple[int, ...]:
+        """The server's version as numbers (``"0.5.4-ipexllm-20250407"`` -> ``(0, 5, 4)``)."""
+        response = self.call(model, lambda: self._http_get("/api/version"))
+        found = re.match(r"(\d+)\.(\d+)\.(\d+)", str(response.get("version", "")))
+        return tuple(int(part) for part in found.groups()) if found else (0, 0, 0)
+
+    def create_from_modelfile(self, model: str, name: str, modelfile: str) -> None:
+        """``POST /api/create`` the way servers before 0.5.5 take it: the Modelfile's text."""
+        body = {"model": name, "modelfile": modelfile, "stream": False}
+        self.call(model, lambda: self._http_post("/api/create", body))
+
+    def _http_get(self, path: str) -> dict[str, Any]:
+        return _json_or_raise(httpx.get(self.url + path, timeout=self.timeout_s))
+
+    def _http_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _json_or_raise(httpx.post(self.url + path, json=body, timeout=self.timeout_s))
+
+    def _not_pulled(self, model: str) -> ModelNotPulled:
+        return ModelNotPulled(
+            f"Ollama at {self.url} has no model '{model}'; run `ollama pull {model}` "
+            "(lessons wait until it is there)"
+        )
 
     def _unreachable(self, model: str, reason: str) -> BackendUnreachable:
         return BackendUnreachable(
@@ -190,19 +222,27 @@ class OllamaGenerator:
     def with_lora(self, path: Path, label: str) -> OllamaGenerator:
         """A generator for a node-local Ollama model: this model plus the LoRA GGUF at ``path``.
 
-        The adapter is uploaded as a blob and a model ``<base>-<label>`` is created ``FROM`` this
-        one with it as ``ADAPTER`` (Ollama's create API), then used like any other model. The
-        base model stays as it is. Raises BackendError if the server refuses the adapter.
+        The adapter is uploaded as a blob and a model ``<base>-<label>-<digest>`` is created
+        ``FROM`` this one with it as ``ADAPTER`` (Ollama's create API: fields since 0.5.5, a
+        Modelfile before), then used like any other model. The base model stays as it is. The
+        adapter's digest in the name keeps nodes that share one server (each with its own
+        ``lora-v1``) from replacing each other's model. Raises BackendError if the server
+        refuses the adapter.
         """
-        name = f"{self.model.split(':', 1)[0]}-{label}"
-        digest = self._conn.call(self.model, lambda: self._conn.client.create_blob(path))
-        self._conn.call(
-            self.model,
-            lambda: self._conn.client.create(
-                model=name, from_=self.model, adapters={path.name: digest}, stream=False
-            ),
-        )
-        return OllamaGenerator(name, url=self._conn.url, timeout_s=self._conn.timeout_s)
+        conn = self._conn
+        digest = conn.call(self.model, lambda: conn.client.create_blob(path))
+        short = digest.removeprefix("sha256:")[:ADAPTER_DIGEST_CHARS]
+        name = f"{self.model.split(':', 1)[0]}-{label}-{short}"
+        if conn.server_version(self.model) >= STRUCTURED_CREATE_SINCE:
+            conn.call(
+                self.model,
+                lambda: conn.client.create(
+                    model=name, from_=self.model, adapters={path.name: digest}, stream=False
+                ),
+            )
+        else:
+            conn.create_from_modelfile(self.model, name, f"FROM {self.model}\nADAPTER @{digest}\n")
+        return OllamaGenerator(name, url=conn.url, timeout_s=conn.timeout_s)
 
     def close_lora(self) -> None:
         """Nothing to free here: the node-local model stays on the server for rollback."""
@@ -273,6 +313,22 @@ def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     # An all-zero row stays zero rather than becoming NaN.
     return (vectors / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def _tagged(model: str) -> str:
+    """A model name as Ollama lists it: ``all-minilm`` is ``all-minilm:latest``."""
+    return model if ":" in model else f"{model}:latest"
+
+
+def _json_or_raise(response: httpx.Response) -> dict[str, Any]:
+    """A plain httpx reply as the ollama client would give it: JSON, or a ResponseError."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {"error": response.text}
+    if response.status_code >= 400:
+        raise ollama.ResponseError(str(payload.get("error", payload)), response.status_code)
+    return payload if isinstance(payload, dict) else {}
 
 
 def _one_line(error: object) -> str:
