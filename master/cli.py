@@ -226,9 +226,7 @@ def exam(
     settings, path = master_store(config, store)
     db = Store(path)
     exams = ExamStore(db)
-    topology = Topology(
-        settings.broker.namespace, settings.broker.quorum_queues, settings.master.jobs.offloaded
-    )
+    topology = Topology.for_settings(settings)
     with exit_on_errors():
         publisher = Publisher(settings.broker, topology.declare_master)
         try:

@@ -66,11 +66,7 @@ class MasterService:
         self.settings = settings
         # Consumers with master.prefetch's window, publishers with the broker's settings.
         self.broker = broker or RabbitBroker(settings.broker, settings.master_consumer_broker())
-        self.topology = Topology(
-            settings.broker.namespace,
-            settings.broker.quorum_queues,
-            settings.master.jobs.offloaded,
-        )
+        self.topology = Topology.for_settings(settings)
         self.store = store
         self.prompts = prompts
         self.metrics = metrics or MasterMetrics(settings.master.metrics_max_nodes)

@@ -21,6 +21,8 @@ COLUMNS = (
     ("sim adapted", 11),
     ("sim guided", 10),
     ("job kinds", 9),
+    ("offset", 8),
+    ("lag", 6),
 )
 
 
@@ -51,6 +53,8 @@ def format_table(rows: list[NodeStatus]) -> str:
             _num(r.mean_adapted, 11),
             _num(r.mean_guided, 10),
             str(len(r.job_kinds)).rjust(9),
+            ("-" if r.stream_offset is None else str(r.stream_offset)).rjust(8),
+            ("-" if r.stream_lag is None else str(r.stream_lag)).rjust(6),
         ]
         lines.append("  ".join(cells))
     if not rows:
@@ -62,6 +66,12 @@ def format_table(rows: list[NodeStatus]) -> str:
                 f" and {len(r.missed) - MISSED_SHOWN} more" if len(r.missed) > MISSED_SHOWN else ""
             )
             lines.append(f"{r.node_id} missed {len(r.missed)} lessons: {shown}{more}")
+        if r.stream_lost is not None:
+            first, last = r.stream_lost
+            lines.append(
+                f"{r.node_id} lost lessons at stream offsets {first}-{last} (up to "
+                f"{last - first + 1}): retention dropped them before the node got them"
+            )
         if r.state == "duplicate":
             lines.append(
                 f"{r.node_id}: two processes speak for this node id (two machines with one id?); "
@@ -73,11 +83,13 @@ def format_table(rows: list[NodeStatus]) -> str:
         "says with its guidance method; job kinds = how many kinds of job the node takes "
         "(`--json` lists them); lora = the LoRA version the node serves (- : its base model); "
         "missed = lessons published before the master first heard from "
-        "the node, which its queue never got (`--json` lists them)"
+        "the node, which its queue never got (`--json` lists them); offset = the highest lesson "
+        "stream offset the node has done, lag = offsets between it and the stream's head (an "
+        "upper bound of the lessons it has to catch up on; - : per-node queues)"
     )
     return "\n".join(lines)
 
 
 def format_json(rows: list[NodeStatus]) -> str:
     """The same rows as a JSON list."""
-    return json.dumps([asdict(r) for r in rows], indent=2)
+    return json.dumps([{**asdict(r), "stream_lag": r.stream_lag} for r in rows], indent=2)

@@ -155,6 +155,19 @@ class NodeStatus:
     # queue did not exist yet, so it never got them (ids, in publishing order).
     missed: tuple[str, ...] = ()
     lora_version: int = 0  # the LoRA version the node serves, from its latest hello or heartbeat
+    # The lesson stream, from the node's latest hello or heartbeat (None: per-node queues): the
+    # highest offset it has done, the head it last saw, and the offsets retention dropped before
+    # it got them (docs/stream.md).
+    stream_offset: int | None = None
+    stream_head: int | None = None
+    stream_lost: tuple[int, int] | None = None
+
+    @property
+    def stream_lag(self) -> int | None:
+        """Offsets between the node's and the head: an upper bound of lessons still to do."""
+        if self.stream_head is None:
+            return None
+        return max(0, self.stream_head - (-1 if self.stream_offset is None else self.stream_offset))
 
 
 class Store:
@@ -560,7 +573,15 @@ class Store:
                     mean_guided=agg["guided"],
                     job_kinds=tuple(info.job_kinds),
                     lora_version=info.lora_version,
-                    missed=tuple(self.missed_lessons(node["node_id"])),
+                    # A stream reader gets every retained lesson, whenever it joined.
+                    missed=()
+                    if info.stream_head is not None or info.stream_offset is not None
+                    else tuple(self.missed_lessons(node["node_id"])),
+                    stream_offset=info.stream_offset,
+                    stream_head=info.stream_head,
+                    stream_lost=None
+                    if info.stream_lost_first is None or info.stream_lost_last is None
+                    else (info.stream_lost_first, info.stream_lost_last),
                 )
             )
         return out

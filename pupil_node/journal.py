@@ -14,7 +14,14 @@ Retention (docs/decisions.md, section 25): a confirmed report is never sent agai
 its body is dropped when the confirm is noted; the ids of the newest ``max_lessons`` finished
 lessons are kept (their redelivery is only acked), older confirmed entries are pruned, and an
 unconfirmed entry is never pruned. ``meta`` holds what outlives the rows (the pruned count, so
-``count()`` stays the node's lifetime total); later fields (a stream offset) go there too.
+``count()`` stays the node's lifetime total, and the stream offset).
+
+The lesson stream (docs/stream.md): an entry records the stream offset its lesson came at, and
+``meta.stream_offset`` the highest offset done, in the same transaction as the entry (one
+commit, one fsync). A node resumes at :meth:`Journal.resume_offset`: after the highest offset
+done, or at the lowest one whose report the broker has not confirmed, so a crash between journal
+and confirm sends that report again (the redelivered lesson finds its entry) and a crash anywhere
+else replays at most the lessons in flight, which the journal absorbs.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class Journal:
             # A journal written before reports were marked: its lessons count as not confirmed,
             # so a redelivery re-sends the report, as it always did.
             self._db.execute("ALTER TABLE done ADD COLUMN reported_at TEXT")
+        if "stream_offset" not in columns:
+            # A journal from the per-node queues: its entries came at no offset (NULL).
+            self._db.execute("ALTER TABLE done ADD COLUMN stream_offset INTEGER")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL)")
         # A journal from before retention (or after max_lessons was lowered): drop what the
         # window no longer needs now, and give the space back once.
@@ -62,6 +72,9 @@ class Journal:
             )
             self._prune()
         compact_if_mostly_free(self._db)
+        self.path = path
+        # Read by the keepalive thread for heartbeats; written on the worker thread.
+        self.offset = self._stored_offset(self._db)
 
     def entry(self, lesson_id: str) -> Entry | None:
         """The finished lesson's report and whether it was confirmed, or None if not done."""
@@ -70,12 +83,56 @@ class Journal:
         ).fetchone()
         return None if row is None else Entry(bytes(row[0]), row[1] is not None)
 
-    def record(self, lesson_id: str, report: bytes) -> None:
-        """Mark a lesson finished (durably: SQLite commits before this returns)."""
+    def record(self, lesson_id: str, report: bytes, offset: int | None = None) -> None:
+        """Mark a lesson finished (durably: SQLite commits before this returns), with the stream
+        offset it came at, if any: entry and offset are one transaction."""
+        with transaction(self._db):
+            self._db.execute(
+                "INSERT OR REPLACE INTO done (lesson_id, report, done_at, reported_at, "
+                "stream_offset) VALUES (?, ?, ?, NULL, ?)",
+                (lesson_id, report, _now(), offset),
+            )
+            if offset is not None:
+                self._store_offset(offset)
+        if offset is not None:
+            self.offset = max(offset, self.offset if self.offset is not None else offset)
+
+    def advance(self, offset: int) -> None:
+        """Note that the lesson at stream ``offset`` needs no more work (a replay, a skip)."""
+        if self.offset is not None and offset <= self.offset:
+            return
+        with transaction(self._db):
+            self._store_offset(offset)
+        self.offset = offset
+
+    def _store_offset(self, offset: int) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO done VALUES (?, ?, ?, NULL)",
-            (lesson_id, report, _now()),
+            "INSERT INTO meta VALUES ('stream_offset', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+            (offset,),
         )
+
+    @staticmethod
+    def _stored_offset(db: sqlite3.Connection) -> int | None:
+        row = db.execute("SELECT value FROM meta WHERE key='stream_offset'").fetchone()
+        return None if row is None else int(row[0])
+
+    def resume_offset(self) -> int | None:
+        """Where the node resumes the stream: None if it never read it (start at "first").
+
+        Safe from any thread: it reads on a connection of its own (WAL: a consistent snapshot).
+        """
+        db = sqlite3.connect(self.path)
+        try:
+            done = self._stored_offset(db)
+            if done is None:
+                return None
+            unconfirmed = db.execute(
+                "SELECT MIN(stream_offset) FROM done WHERE reported_at IS NULL"
+            ).fetchone()[0]
+        finally:
+            db.close()
+        return done + 1 if unconfirmed is None else min(done + 1, int(unconfirmed))
 
     def mark_reported(self, lesson_id: str) -> None:
         """Record that the broker confirmed the lesson's report, and prune the journal.

@@ -202,9 +202,10 @@ class PupilNode:
                 f"node {self.node_id} expects {self.reference_model} ({self.reference_dim} dims)"
             )
 
-    def process(self, body: bytes) -> Outcome:
+    def process(self, body: bytes, offset: int | None = None) -> Outcome:
         """Do one lesson (its encoded message); raises DecodeError (incl. EmbeddingMismatch) for
-        a lesson to refuse."""
+        a lesson to refuse. ``offset``: where the lesson sits in the lesson stream, journalled
+        with it (None from a per-node queue)."""
         lesson = decode(body, Lesson)
         self.check(lesson)
 
@@ -217,6 +218,9 @@ class PupilNode:
                 work_id[:8],
                 "its report was confirmed, acking" if done.reported else "sending its report again",
             )
+            if offset is not None:
+                with state_write(f"note stream offset {offset}"):
+                    self.journal.advance(offset)
             return Outcome(work_id, done.report, replayed=True, reported=done.reported)
         self._check_free_space()
         if lesson.exam_id is not None:
@@ -284,7 +288,7 @@ class PupilNode:
         body = encode(report)
         # 4. Journal before publishing: from here on a redelivery replays this report.
         with state_write(f"journal lesson {lesson.lesson_id}"):
-            self.journal.record(work_id, body)
+            self.journal.record(work_id, body, offset)
         self.lora.lesson_done(trained=lesson.split == "train")
         log.info(
             "lesson %s (%s): before=%s adapted=%.3f%s%s",

@@ -12,6 +12,12 @@ acked only after its report is confirmed. The keepalive work has its own thread 
 publisher waiting for a broker that is down (or for the worker's publish) must never stall the
 consumer's I/O thread.
 
+With ``lessons.transport = "stream"`` (the default) the lesson consumer reads the swarm's one
+lesson stream from the offset the node's journal holds (docs/stream.md): "first" for a new node,
+after the last lesson done for one that ran before. The keepalive thread looks up the stream's
+head for each heartbeat, so the node can log its catch-up and the master show its lag; a node
+that resumes behind the stream's retention logs, exports and reports the offsets it lost.
+
 The node's model server is a :class:`~shared.health.Dependency` both consumers pause on: while it
 is down, the lesson in hand stays unacked, no new lesson or job is taken, a prober thread asks the
 server with backoff, and the heartbeat says ``model down`` (sent at once, not at the next
@@ -38,8 +44,9 @@ from shared.broker import (
     RabbitBroker,
     Subscription,
 )
+from shared.broker.stream import FIRST, StreamBounds, delivery_offset, stream_bounds
 from shared.config import Settings
-from shared.errors import EmbeddingMismatch, ModelDown, NodeIdInUse, QueueInUse
+from shared.errors import BrokerError, EmbeddingMismatch, ModelDown, NodeIdInUse, QueueInUse
 from shared.health import Dependency
 from shared.job_metrics import PupilJobMetrics
 from shared.messages import (
@@ -78,7 +85,14 @@ class PupilService:
         self.broker = broker or RabbitBroker(settings.broker)
         self.node = node
         self.metrics = metrics or PupilMetrics()
-        self.topology = Topology(settings.broker.namespace, settings.broker.quorum_queues)
+        self.topology = Topology(
+            settings.broker.namespace, settings.broker.quorum_queues, lessons=settings.lessons
+        )
+        self.stream = (
+            StreamPosition(node.journal.offset, settings.lessons.catch_up_log_every)
+            if self.topology.uses_stream
+            else None
+        )
         self.stop = stop or threading.Event()
         self.publisher = self.broker.publisher(self._declare, self.stop)
         # A full state disk stops a node's learning (its lessons wait): say so on /metrics.
@@ -106,10 +120,18 @@ class PupilService:
         )
         self._next_heartbeat = 0.0
         self._failure: BaseException | None = None
+        if self.stream is not None:
+            stream = self.stream
+            self.metrics.watch_stream(
+                lambda: (stream.offset or 0, stream.head or 0, stream.lost_count)
+            )
 
     def _declare(self, channel: BlockingChannel) -> None:
         broker = self.settings.broker
-        self.topology.declare_pupil(channel, self.node.node_id, broker.declare_exchanges)
+        if self.topology.uses_stream:
+            self.topology.declare_pupil_stream(channel, broker.declare_exchanges)
+        else:
+            self.topology.declare_pupil(channel, self.node.node_id, broker.declare_exchanges)
 
     def _declare_jobs(self, channel: BlockingChannel) -> None:
         kinds = tuple(self.node.config.jobs)
@@ -148,7 +170,9 @@ class PupilService:
         )  # fmt: skip
 
     def lesson_consumer(self) -> MessageConsumer:
-        """The consumer of this node's lesson queue, paused while the model or disk is down."""
+        """The consumer of this node's lessons, paused while the model or disk is down."""
+        if self.topology.uses_stream:
+            return self._stream_consumer()
         queue = self.topology.pupil_queue(self.node.node_id)
         # One process per node id: a second one (a cloned SD card) is refused by the broker
         # instead of silently taking half of this node's lessons.
@@ -164,9 +188,63 @@ class PupilService:
         )
         return self.broker.consumer(subscription)
 
+    def _stream_consumer(self) -> MessageConsumer:
+        stream = self.topology.lessons_stream
+        subscription = Subscription(
+            self.topology,
+            [stream],
+            self.handle,
+            self._declare,
+            CountRejected(self.metrics, {stream: "lessons"}),
+            pause_while=(self.model, self.state_disk),
+            stream_start=self._stream_start,
+        )
+        return self.broker.consumer(subscription)
+
+    def _stream_start(self) -> int | str:
+        """I/O thread, at every (re)subscribe: where this node resumes the lesson stream."""
+        assert self.stream is not None
+        resume = self.node.journal.resume_offset()
+        bounds = self._probe_stream()
+        self.stream.resume_from = 0 if resume is None else resume
+        if resume is None:
+            log.info(
+                "lesson stream: a new reader, starting at the first retained lesson (%s)",
+                self.stream.describe(),
+            )
+            return FIRST
+        if bounds.first is not None and resume < bounds.first:
+            self.stream.lose(resume, bounds.first - 1)
+            log.warning(
+                "lesson stream: this node resumes at offset %d but retention has dropped "
+                "everything before %d: the lessons at offsets %d-%d (up to %d lessons) are gone "
+                "and it cannot learn them; raise lessons.stream_max_bytes / stream_max_age if "
+                "nodes stay away this long",
+                resume,
+                bounds.first,
+                resume,
+                bounds.first - 1,
+                bounds.first - resume,
+            )
+        log.info("lesson stream: resuming at offset %d (%s)", resume, self.stream.describe())
+        return resume
+
+    def _probe_stream(self) -> StreamBounds:
+        """The stream's bounds (also noting its head); empty bounds if the probe failed."""
+        assert self.stream is not None
+        try:
+            bounds = stream_bounds(self.settings.broker, self.topology.lessons_stream)
+        except BrokerError as exc:
+            log.warning("could not look up the lesson stream's head: %s", exc)
+            return StreamBounds(None, None)
+        self.stream.see_head(bounds.last)
+        return bounds
+
     def info(self) -> NodeInfo:
         """The node's hello/heartbeat facts, with its state (``model down`` during an outage)."""
         info = self.node.info()
+        if self.stream is not None:
+            info = info.model_copy(update=self.stream.facts(self.node.journal.offset))
         return info if self.model.up else info.model_copy(update={"state": MODEL_DOWN})
 
     def _model_changed(self, _up: bool, _reason: str) -> None:
@@ -189,12 +267,17 @@ class PupilService:
 
     def handle(self, delivery: Delivery) -> None:
         """Run the lesson flow, then publish the report; raising leaves the ack undone."""
+        offset = None if self.stream is None else delivery_offset(delivery.headers)
+        if offset is not None and self.stream is not None and offset < self.stream.resume_from:
+            return  # before the offset asked for (the broker sends whole chunks): done already
         try:
-            outcome = self.node.process(delivery.body)
+            outcome = self.node.process(delivery.body, offset)
         except EmbeddingMismatch as exc:
             self._report_refusal(delivery, str(exc))
             raise
         self.metrics.record_lesson(outcome.report, outcome.replayed)
+        if offset is not None and self.stream is not None:
+            self.stream.done(offset)
         if outcome.reported:
             return  # the broker confirmed this report before: only the ack was lost
         self.publisher.publish(
@@ -227,6 +310,8 @@ class PupilService:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.node.config.heartbeat_interval_s
+            if self.stream is not None:
+                self._probe_stream()  # the head the heartbeat reports, for the lag
             try:
                 self._control(Heartbeat(node=self.info()))
             except Exception as exc:
@@ -285,3 +370,70 @@ class PupilService:
             self.node.close()
         if self._failure is not None:
             raise self._failure
+
+
+class StreamPosition:
+    """Where a node stands in the lesson stream: what it has done, the head, what it lost.
+
+    Written by the consumer's threads, read by the keepalive thread and at each scrape; plain
+    int assignments, so no lock.
+    """
+
+    def __init__(self, offset: int | None, log_every: int) -> None:
+        self.log_every = log_every
+        self.offset = offset  # the highest offset done (the journal's), for catch-up logs
+        self.head: int | None = None
+        self.resume_from = 0  # deliveries below this offset were done before this subscribe
+        self.lost: tuple[int, int] | None = None
+        self._since_log = 0
+
+    @property
+    def lost_count(self) -> int:
+        """How many offsets retention dropped before the node got them (an upper bound)."""
+        return 0 if self.lost is None else self.lost[1] - self.lost[0] + 1
+
+    def see_head(self, head: int | None) -> None:
+        """Note the stream's last offset, as a probe found it."""
+        if head is not None:
+            self.head = max(head, self.head or 0)
+
+    def lose(self, first: int, last: int) -> None:
+        """Note that retention dropped offsets ``first``..``last`` before the node got them."""
+        self.lost = (first, last)
+
+    def describe(self) -> str:
+        """The head and lag, for a log line."""
+        if self.head is None:
+            return "the stream is empty or its head unknown"
+        behind = self.head - (self.offset if self.offset is not None else -1)
+        return f"head at offset {self.head}, up to {max(0, behind)} lessons to catch up on"
+
+    def done(self, offset: int) -> None:
+        """Worker thread, after each stream lesson: log the catch-up every so many lessons."""
+        self.offset = offset
+        if self.head is None or offset > self.head:
+            self.head = offset
+        if self.head - offset <= 0:
+            if self._since_log:
+                log.info("lesson stream: caught up at offset %d", offset)
+            self._since_log = 0
+            return
+        self._since_log += 1
+        if self._since_log >= self.log_every:
+            self._since_log = 0
+            log.info(
+                "lesson stream: catching up, at offset %d of %d (up to %d lessons behind)",
+                offset,
+                self.head,
+                self.head - offset,
+            )
+
+    def facts(self, offset: int | None) -> dict[str, int | None]:
+        """The heartbeat's stream fields (NodeInfo)."""
+        head = self.head if offset is None or self.head is None else max(self.head, offset)
+        return {
+            "stream_offset": offset,
+            "stream_head": head,
+            "stream_lost_first": None if self.lost is None else self.lost[0],
+            "stream_lost_last": None if self.lost is None else self.lost[1],
+        }

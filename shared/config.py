@@ -53,6 +53,33 @@ class BrokerConfig(_Section):
     tls_server_hostname: str | None = None
 
 
+class LessonsConfig(_Section):
+    """How lessons travel from the master to the pupils (docs/stream.md).
+
+    ``stream`` (the default): one RabbitMQ stream queue, ``<namespace>.lessons``, bound to the
+    lessons fanout. One copy on the broker whatever the number of nodes; each pupil reads it from
+    its own offset, kept in its journal, so a node that joins later learns every retained lesson.
+    ``queues``: the per-node queues ``<namespace>.pupil.<node>`` of earlier releases, kept so a
+    running swarm can move to the stream one node at a time (docs/stream.md, "Migration"). The
+    master declares the stream whenever its transport is ``stream``; the fanout feeds both, so
+    nodes still on ``queues`` lose nothing while the others move.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # frozen: a Topology holds one
+
+    transport: Literal["stream", "queues"] = "stream"
+    # Retention: RabbitMQ drops whole segments, oldest first, once the stream is over either
+    # bound. A lesson is about 10 KB with a 1024-dim embedding (docs/stream.md), so 5 GB holds
+    # some 500,000 lessons; 90 days outlasts a Pi left in a drawer for a season.
+    stream_max_bytes: int = Field(default=5_000_000_000, ge=1_000, le=10**15)
+    stream_max_age: str = Field(default="90D", pattern=r"^[0-9]{1,6}(Y|M|D|h|m|s)$")
+    # Size of one segment file: the unit retention drops. RabbitMQ's default is 500 MB; smaller
+    # segments make retention follow the bounds more closely (the tests use tiny ones).
+    stream_segment_bytes: int = Field(default=100_000_000, ge=1_000, le=3_000_000_000)
+    # A node logs its catch-up progress every this many lessons while behind the head.
+    catch_up_log_every: int = Field(default=50, ge=1, le=1_000_000)
+
+
 class GeneratorConfig(_Section):
     """A text-generation backend and its decoding settings."""
 
@@ -366,6 +393,7 @@ class Settings(_Section):
 
     broker: BrokerConfig = BrokerConfig()
     health: HealthConfig = HealthConfig()
+    lessons: LessonsConfig = LessonsConfig()
     master: MasterConfig = MasterConfig()
     pupil: PupilConfig = PupilConfig()
 

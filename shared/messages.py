@@ -231,6 +231,14 @@ class NodeInfo(BaseModel):
     job_kinds: list[JobKindName] = Field(default_factory=list, max_length=64)
     # Defaulted, so the hello and heartbeat of a node that does not send it still validate.
     state: NodeState = "ok"
+    # The lesson stream (docs/stream.md); all None from a node on per-node queues or an older
+    # release. The highest stream offset the node has done, the stream's head when the node last
+    # looked (lag = head - offset), and the offsets of the lessons that retention dropped before
+    # the node got them: it can no longer learn those.
+    stream_offset: int | None = Field(default=None, ge=0)
+    stream_head: int | None = Field(default=None, ge=0)
+    stream_lost_first: int | None = Field(default=None, ge=0)
+    stream_lost_last: int | None = Field(default=None, ge=0)
 
 
 class Hello(Message):

@@ -301,6 +301,26 @@ class PupilMetrics(ServiceMetrics):
             "memory). Below pupil.min_free_bytes the node takes no new lesson.",
         )
 
+    def watch_stream(self, position: Callable[[], tuple[int, int, int]]) -> None:
+        """Export ``position()`` = (offset, head, lost), read at each scrape, as the lesson stream
+        gauges (docs/stream.md)."""
+        offset = self.declare.gauge(
+            "lesson_stream_offset", "The highest lesson stream offset this node has done."
+        )
+        lag = self.declare.gauge(
+            "lesson_stream_lag",
+            "Stream offsets between this node's and the head it last saw: an upper bound of the "
+            "lessons it has still to catch up on (0 when caught up).",
+        )
+        lost = self.declare.gauge(
+            "lesson_stream_lost",
+            "Stream offsets retention dropped before this node got them (lessons it can no "
+            "longer learn); the node's log and `distill-swarm status` give the range.",
+        )
+        offset.set_function(lambda: float(position()[0]))
+        lag.set_function(lambda: float(max(0, position()[1] - position()[0])))
+        lost.set_function(lambda: float(position()[2]))
+
     def watch_free_space(self, free_bytes: Callable[[], int]) -> None:
         """Report ``free_bytes()`` (measured at each scrape) as the state_free_bytes gauge."""
         self.state_free_bytes.set_function(lambda: float(free_bytes()))
@@ -391,6 +411,18 @@ class MasterMetrics(ServiceMetrics):
             "hello or heartbeat.",
             "node",
         )
+        self.node_stream_lag = per_node.gauge(
+            "lesson_stream_lag",
+            "Lesson stream offsets between the node's and the head it last saw, from its latest "
+            "heartbeat: an upper bound of the lessons it has still to catch up on.",
+            "node",
+        )
+        self.node_stream_lost = per_node.gauge(
+            "lesson_stream_lost",
+            "Lesson stream offsets retention dropped before the node got them (lessons it can no "
+            "longer learn), from its latest heartbeat.",
+            "node",
+        )
         self.node_duplicate_messages = per_node.counter(
             "duplicate_messages",
             "Hellos and heartbeats from one process of a node id while another process of that "
@@ -446,6 +478,11 @@ class MasterMetrics(ServiceMetrics):
         self.node_lessons_done.labels(node).set(info.lessons_done)
         self.node_adapter_version.labels(node).set(info.adapter_version)
         self.node_lora_version.labels(node).set(info.lora_version)
+        if info.stream_offset is not None and info.stream_head is not None:
+            self.node_stream_lag.labels(node).set(max(0, info.stream_head - info.stream_offset))
+        if info.stream_lost_first is not None and info.stream_lost_last is not None:
+            lost = info.stream_lost_last - info.stream_lost_first + 1
+            self.node_stream_lost.labels(node).set(lost)
         return node
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
+from shared.config import LessonsConfig, Settings
 from shared.errors import BrokerError
 from shared.jobs import KINDS
 
@@ -21,6 +22,9 @@ from shared.jobs import KINDS
 # "rejected", which tells an operator nothing).
 REASON_HEADER = "x-distill-swarm-reason"
 ORIGIN_QUEUE_HEADER = "x-distill-swarm-queue"
+# A Topology declares no lesson stream unless given the settings' lessons section: the tools that
+# only name queues (node users, clean-up) need none, and the master passes its own.
+PER_NODE_QUEUES = LessonsConfig(transport="queues")
 
 # What a pupil needs to hear when setting up its queue fails; AMQP reply code -> what to do.
 _PUPIL_DECLARE_HINTS = {
@@ -48,6 +52,8 @@ class Topology:
     quorum_queues: bool = True
     # Job kinds the master offloads: it declares one shared queue per kind (docs/jobs.md).
     job_kinds: tuple[str, ...] = ()
+    # How lessons travel: with transport "stream" the master declares the lesson stream.
+    lessons: LessonsConfig = PER_NODE_QUEUES
 
     # Every exchange and master queue: ``<namespace>.<suffix>``.
     lessons_exchange = _Named("lessons")
@@ -58,6 +64,10 @@ class Topology:
     reports_queue = _Named("master.reports")
     control_queue = _Named("master.control")
     dead_queue = _Named("dead")
+    # The lesson stream: a queue named like the lessons exchange it is bound to. The same name on
+    # purpose: a node's user may read ``<ns>.lessons`` (the exchange, to bind its queue) and so,
+    # with no new grant, the stream; it may write neither (docs/security.md).
+    lessons_stream = _Named("lessons")
     # Where submitters' jobs wait for the master (bound to jobs with ``SUBMIT_KEY``).
     job_submissions_queue = _Named("master.jobs")
     # Where pupils' job results wait for the master (bound to reports, ``JOB_RESULT_KEY``).
@@ -72,6 +82,13 @@ class Topology:
     # Routing key of submitted jobs on the jobs exchange (never a job kind's name).
     SUBMIT_KEY = "submit"
 
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Topology:
+        """The topology a master with ``settings`` declares: its job kinds, its lesson transport."""
+        broker = settings.broker
+        jobs = tuple(settings.master.jobs.offloaded)
+        return cls(broker.namespace, broker.quorum_queues, jobs, settings.lessons)
+
     def job_queue(self, kind: str) -> str:
         """The classic queue pupils doing ``kind`` share (competing consumers)."""
         return f"{self.namespace}.jobs.{kind}"
@@ -84,6 +101,39 @@ class Topology:
         """Routing key of a control message, e.g. ``heartbeat.pi-7``."""
         return f"{kind}.{node_id}"
 
+    @property
+    def uses_stream(self) -> bool:
+        """True if lessons go to the stream (``lessons.transport = "stream"``)."""
+        return self.lessons.transport == "stream"
+
+    def stream_arguments(self) -> dict[str, Any]:
+        """The stream's declare arguments: its type and retention (by size and by age)."""
+        return {
+            "x-queue-type": "stream",
+            "x-max-length-bytes": self.lessons.stream_max_bytes,
+            "x-max-age": self.lessons.stream_max_age,
+            "x-stream-max-segment-size-bytes": self.lessons.stream_segment_bytes,
+        }
+
+    def declare_lesson_stream(self, channel: BlockingChannel) -> str:
+        """Declare the lesson stream bound to the lessons fanout; returns its name.
+
+        Bound to the fanout rather than published to directly: the master's publishing does not
+        change, and per-node queues still bound to the same fanout keep getting every lesson while
+        a swarm moves to the stream (docs/stream.md).
+        """
+        name = self.lessons_stream
+        try:
+            channel.queue_declare(name, durable=True, arguments=self.stream_arguments())
+        except pex.ChannelClosedByBroker as exc:
+            raise BrokerError(
+                f"cannot declare the lesson stream '{name}': {exc.reply_text}; RabbitMQ 3.9 or "
+                "later is needed, and a stream declared with other retention must be deleted "
+                "(or lessons.stream_* set to what it has) first"
+            ) from None
+        channel.queue_bind(name, self.lessons_exchange)
+        return name
+
     def _queue_args(self, quorum: bool) -> dict[str, Any]:
         args: dict[str, Any] = {"x-dead-letter-exchange": self.dead_exchange}
         if quorum and self.quorum_queues:
@@ -91,7 +141,7 @@ class Topology:
         return args
 
     def declare_exchanges(self, channel: BlockingChannel) -> None:
-        """Declare the five exchanges (durable)."""
+        """Declare the six exchanges (durable)."""
         for name, kind in (
             (self.lessons_exchange, "fanout"),
             (self.jobs_exchange, "direct"),
@@ -121,6 +171,8 @@ class Topology:
         channel.queue_bind(self.job_results_queue, self.reports_exchange, self.JOB_RESULT_KEY)
         for kind in self.job_kinds:
             self.declare_job_queue(channel, kind)
+        if self.uses_stream:
+            self.declare_lesson_stream(channel)
 
     def _job_queue_args(self) -> dict[str, Any]:
         # Classic, not quorum: a pupil consumes all its kinds' queues on one channel with one
@@ -201,6 +253,29 @@ class Topology:
             ) from None
         return queue
 
+    def declare_pupil_stream(self, channel: BlockingChannel, declare_exchanges: bool = True) -> str:
+        """Set up a pupil that reads the lesson stream; returns the stream's name.
+
+        ``declare_exchanges=False`` (a per-node user) only checks, passively, that the exchanges
+        and the stream exist: the master declares them, and a node may never configure a queue
+        the whole swarm reads. A refusal raises :class:`BrokerError` with what to do.
+        """
+        name = self.lessons_stream
+        try:
+            if declare_exchanges:
+                self.declare_exchanges(channel)
+                self.declare_lesson_stream(channel)
+            else:
+                self.check_pupil_exchanges(channel)
+                channel.queue_declare(name, passive=True)
+        except pex.ChannelClosedByBroker as exc:
+            hint = _PUPIL_DECLARE_HINTS.get(exc.reply_code, "")
+            raise BrokerError(
+                f"cannot read the lesson stream '{name}': {exc.reply_text}"
+                + (f"; {hint}" if hint else "")
+            ) from None
+        return name
+
     def declare_all(self, channel: BlockingChannel, node_ids: tuple[str, ...] = ()) -> None:
         """Declare the master's side and, if given, the lesson queues of known pupils."""
         self.declare_master(channel)
@@ -214,6 +289,7 @@ class Topology:
         # Every kind of the catalogue, not only ours: pupils may have declared others' queues.
         queues += [self.job_queue(k) for k in KINDS]
         queues += [self.pupil_queue(n) for n in node_ids]
+        queues.append(self.lessons_stream)
         for queue in queues:
             channel.queue_delete(queue)
         for exchange in (

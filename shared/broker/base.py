@@ -54,5 +54,5 @@ class RabbitBroker:
         s = subscription
         return Consumer(
             self.consumer_config, s.topology, s.queues, s.handler, s.declare, s.hooks,
-            s.pause_while, s.options,
+            s.pause_while, s.options, s.stream_start,
         )  # fmt: skip

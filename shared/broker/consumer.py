@@ -26,6 +26,7 @@ from shared.broker.connection import (
 )
 from shared.broker.hooks import ConsumerHooks
 from shared.broker.settlement import Action, Delivery, Handler, Settlement
+from shared.broker.stream import OFFSET_HEADER
 from shared.broker.worker import Settled, Worker
 from shared.config import BrokerConfig
 from shared.errors import ConnectionClosed, QueueInUse, one_line
@@ -70,6 +71,10 @@ class Subscription:
     hooks: ConsumerHooks = field(default_factory=ConsumerHooks)
     pause_while: Sequence[Dependency] = ()
     options: ConsumeOptions = field(default_factory=ConsumeOptions)
+    # Set for a stream (the lesson stream): called on the I/O thread at every (re)subscribe, it
+    # returns where to start (an offset, or "first"). Its value is the consume's
+    # ``x-stream-offset``; ``exclusive`` does not apply (streams have no exclusive consumers).
+    stream_start: Callable[[], int | str] | None = None
 
 
 class _QueueInUse(Exception):
@@ -145,10 +150,16 @@ class Consumer:
         hooks: ConsumerHooks | None = None,
         pause_while: Sequence[Dependency] = (),
         options: ConsumeOptions | None = None,
+        stream_start: Callable[[], int | str] | None = None,
     ) -> None:
         self._config = config
         hooks, options = hooks or ConsumerHooks(), options or ConsumeOptions()
-        self._sub = Subscription(topology, queues, handler, declare, hooks, pause_while, options)
+        self._sub = Subscription(
+            topology, queues, handler, declare, hooks, pause_while, options, stream_start
+        )
+        # A stream cannot requeue (nack closes the connection): a requeue abandons the channel's
+        # generation instead, and the consumer resubscribes from ``stream_start()``.
+        self._abandoned = -1
         self._work: queue.Queue[Delivery | None] = queue.Queue()
         self._generation = 0
         self._connection: BlockingConnection | None = None
@@ -196,7 +207,7 @@ class Consumer:
             self._close()
 
     def _current(self, delivery: Delivery) -> bool:
-        return delivery.generation == self._generation
+        return delivery.generation == self._generation != self._abandoned
 
     def _flush_settlements(self) -> None:
         # The worker's last ack waits as a callback for the I/O loop, which has stopped: run it,
@@ -217,13 +228,15 @@ class Consumer:
         channel.basic_qos(
             prefetch_count=self._config.prefetch, global_qos=self._sub.options.shared_prefetch
         )
+        stream_start = self._sub.stream_start
         for name in self._sub.queues:
             try:
                 channel.basic_consume(
                     name,
                     functools.partial(self._on_message, name),
                     auto_ack=False,
-                    exclusive=self._sub.options.exclusive,
+                    exclusive=self._sub.options.exclusive and stream_start is None,
+                    arguments=None if stream_start is None else {OFFSET_HEADER: stream_start()},
                 )
             except pex.ChannelClosedByBroker as exc:
                 # RabbitMQ refuses a consumer on a queue that has an exclusive one, and an
@@ -239,6 +252,8 @@ class Consumer:
         while not stop.is_set():
             self._connection.process_data_events(time_limit=POLL_INTERVAL_S)
             _check_consuming(channel, len(self._sub.queues))
+            if self._abandoned == self._generation:
+                raise _ConsumerLost("a stream delivery was requeued: resubscribing from its offset")
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self._sub.hooks.tick_interval_s
                 self._sub.hooks.on_tick()
@@ -297,6 +312,11 @@ class Consumer:
         connection = self._connection
         if connection is None:
             return
+        if self._sub.stream_start is not None and any(s.action is Action.REQUEUE for _, s in done):
+            # Before the worker takes the next delivery: none after the requeued one may be
+            # handled, or its offset, committed, would skip the requeued lesson.
+            self._abandoned = self._generation
+            return
         # If the connection died meanwhile, the broker redelivers the message: nothing to do.
         with contextlib.suppress(*CONNECTION_ERRORS):
             connection.add_callback_threadsafe(functools.partial(self._settle_all, done))
@@ -307,11 +327,16 @@ class Consumer:
         if channel is None or not channel.is_open:
             return  # the broker redelivers whatever was not settled
         current = [(d, s) for d, s in done if self._current(d)]
-        send_settlements(channel, self._sub.topology, current, self._sub.hooks)
+        stream = self._sub.stream_start is not None
+        send_settlements(channel, self._sub.topology, current, self._sub.hooks, stream)
 
 
 def send_settlements(
-    channel: BlockingChannel, topology: Topology, done: Settled, hooks: ConsumerHooks
+    channel: BlockingChannel,
+    topology: Topology,
+    done: Settled,
+    hooks: ConsumerHooks,
+    stream: bool = False,
 ) -> None:
     """Settle handled deliveries on ``channel`` in the order they arrived.
 
@@ -331,15 +356,24 @@ def send_settlements(
         if settlement.action is Action.REQUEUE:
             channel.basic_nack(delivery.delivery_tag, requeue=True)
         else:
-            _dead_letter(channel, topology, delivery, settlement)
+            _dead_letter(channel, topology, delivery, settlement, stream)
             hooks.on_rejected(delivery, settlement)
     if last_ack is not None:
         channel.basic_ack(last_ack.delivery_tag, multiple=True)
 
 
 def _dead_letter(
-    channel: BlockingChannel, topology: Topology, delivery: Delivery, settlement: Settlement
+    channel: BlockingChannel,
+    topology: Topology,
+    delivery: Delivery,
+    settlement: Settlement,
+    stream: bool = False,
 ) -> None:
+    """Republish ``delivery`` to the dead exchange with the reason, then ack it.
+
+    From a stream (which cannot dead-letter, and where a nack closes the connection) a refused
+    republish is logged and the delivery acked all the same: the lesson stays in the stream.
+    """
     reason = one_line(settlement.text)  # it may quote the message itself, or any exception's text
     log.warning(
         "dead-lettering message %s from %s (%s): %s",
@@ -361,6 +395,10 @@ def _dead_letter(
             properties(delivery.message_id or "", headers),
         )
     except (pex.UnroutableError, pex.NackError):
+        if stream:
+            log.error("the dead-letter exchange refused message %s", delivery.message_id)
+            channel.basic_ack(delivery.delivery_tag)
+            return
         # Let RabbitMQ's own DLX take it (no reason header, but nothing is lost).
         channel.basic_nack(delivery.delivery_tag, requeue=False)
     else:

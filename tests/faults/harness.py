@@ -55,6 +55,11 @@ namespace = "{broker.namespace}"
 max_backoff_s = 1.0
 connect_attempts = 10
 
+# These scenarios watch per-node queues (their depth, what a restart leaves in them); the
+# lesson stream's faults (SIGKILL mid-catch-up, retention) are tests/integration/test_lesson_stream.py.
+[lessons]
+transport = "queues"
+
 [master]
 metrics_port = 0
 # No end-of-run exam: it sends the eval lessons again, which the wire tap would count as

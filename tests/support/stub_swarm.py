@@ -20,7 +20,7 @@ from pupil_node.node import PupilNode
 from pupil_node.service import PupilService
 from shared.broker import MessageConsumer
 from shared.broker.stub import StubBroker, StubConsumer
-from shared.config import BrokerConfig, MasterConfig, PupilConfig, Settings
+from shared.config import BrokerConfig, LessonsConfig, MasterConfig, PupilConfig, Settings
 
 DIM = 16  # embeddings this small keep the adapters' training to milliseconds
 NAMESPACE = "stub"
@@ -54,6 +54,9 @@ class StubSwarm:
     def settings(self, **pupil_fields: Any) -> Settings:
         return Settings(
             broker=BrokerConfig(namespace=NAMESPACE),
+            # The stub has per-node queues only: the stream (offsets, retention) is tested on
+            # the real broker (tests/integration/test_lesson_stream.py).
+            lessons=LessonsConfig(transport="queues"),
             master=MasterConfig(metrics_port=0, ceiling=False, **self.master_fields),
             pupil=PupilConfig(metrics_port=0, min_free_bytes=0, **pupil_fields),
         )

@@ -67,3 +67,33 @@ def test_a_journal_from_before_retention_is_trimmed_and_compacted_at_open(tmp_pa
     assert journal.entry("lesson-0599") == Entry(b"", reported=True)
     journal.close()
     assert path.stat().st_size < grown / 4
+
+
+def test_a_new_reader_of_the_stream_starts_at_first(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.record("from-a-queue", b"report")  # done from a per-node queue: no offset
+    assert journal.resume_offset() is None and journal.offset is None
+
+
+def test_the_stream_offset_is_journalled_with_the_lesson(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record("l1", b"r1", offset=7)
+    journal.mark_reported("l1")
+    journal.advance(9)  # a replay or a skip moves it on as well
+    journal.advance(8)  # never back
+    assert journal.offset == 9 and journal.resume_offset() == 10
+    journal.close()
+    reopened = Journal(path)
+    assert reopened.offset == 9 and reopened.resume_offset() == 10
+
+
+def test_a_node_resumes_at_the_lesson_whose_report_is_unconfirmed(tmp_path: Path) -> None:
+    # Killed between journal and confirm: the lesson comes again and its report goes out again.
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.record("l1", b"r1", offset=3)
+    journal.mark_reported("l1")
+    journal.record("l2", b"r2", offset=4)
+    assert journal.resume_offset() == 4
+    journal.mark_reported("l2")
+    assert journal.resume_offset() == 5
