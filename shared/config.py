@@ -69,8 +69,8 @@ class LessonsConfig(_Section):
 
     transport: Literal["stream", "queues"] = "stream"
     # Retention: RabbitMQ drops whole segments, oldest first, once the stream is over either
-    # bound. A lesson is about 10 KB with a 1024-dim embedding (docs/stream.md), so 5 GB holds
-    # some 500,000 lessons; 90 days outlasts a Pi left in a drawer for a season.
+    # bound. A lesson is about 21 KB with a 1024-dim embedding (JSON floats; docs/stream.md), so
+    # 5 GB holds some 240,000 lessons; 90 days outlasts a Pi left in a drawer for a season.
     stream_max_bytes: int = Field(default=5_000_000_000, ge=1_000, le=10**15)
     stream_max_age: str = Field(default="90D", pattern=r"^[0-9]{1,6}(Y|M|D|h|m|s)$")
     # Size of one segment file: the unit retention drops. RabbitMQ's default is 500 MB; smaller

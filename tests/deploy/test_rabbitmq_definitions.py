@@ -20,7 +20,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.broker.stub import StubChannel
-from shared.config import BrokerConfig, MasterJobsConfig
+from shared.config import BrokerConfig, LessonsConfig, MasterJobsConfig
 from shared.topology import Topology
 from tests.support.deploy_files import (
     DEFINITIONS,
@@ -127,8 +127,11 @@ def test_rabbitmq_conf_loads_the_filled_definitions() -> None:
 def _default_topology() -> Topology:
     broker = BrokerConfig()
     assert broker.namespace == VHOST, "definitions.json is written for the `swarm` namespace"
-    # With the default jobs policy: one queue per offloadable kind is part of the topology.
-    return Topology(broker.namespace, broker.quorum_queues, MasterJobsConfig().offloaded)
+    # With the default jobs policy: one queue per offloadable kind is part of the topology; with
+    # the default lesson transport, the lesson stream.
+    return Topology(
+        broker.namespace, broker.quorum_queues, MasterJobsConfig().offloaded, LessonsConfig()
+    )
 
 
 def _declared_by_definitions() -> StubChannel:
