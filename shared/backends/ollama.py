@@ -265,7 +265,7 @@ class OllamaEmbedder:
 
         Raises:
             BackendUnreachable: the server does not answer.
-            ModelNotFound: the server does not have ``model``.
+            ModelNotPulled: the server does not have ``model`` (yet).
         """
         self.model_name = model
         self._conn = _OllamaConnection(url, timeout_s)
