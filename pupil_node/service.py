@@ -15,7 +15,8 @@ consumer's I/O thread.
 With ``lessons.transport = "stream"`` (the default) the lesson consumer reads the swarm's one
 lesson stream from the offset the node's journal holds (docs/stream.md): "first" for a new node,
 after the last lesson done for one that ran before. The keepalive thread looks up the stream's
-head for each heartbeat, so the node can log its catch-up and the master show its lag; a node
+head every ``lessons.head_probe_interval_s`` (and heartbeats report it), so the node can log its
+catch-up and the master show its lag; a node
 that resumes behind the stream's retention logs, exports and reports the offsets it lost.
 
 The node's model server is a :class:`~shared.health.Dependency` both consumers pause on: while it
@@ -119,6 +120,7 @@ class PupilService:
             node, self.publisher, self.topology, PupilJobMetrics(self.metrics.registry), self.model
         )
         self._next_heartbeat = 0.0
+        self._next_head_probe = 0.0
         self._failure: BaseException | None = None
         if self.stream is not None:
             stream = self.stream
@@ -310,8 +312,10 @@ class PupilService:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.node.config.heartbeat_interval_s
-            if self.stream is not None:
-                self._probe_stream()  # the head the heartbeat reports, for the lag
+            if self.stream is not None and now >= self._next_head_probe:
+                # The head this heartbeat (and the next ones, until the next probe) reports.
+                self._next_head_probe = now + self.settings.lessons.head_probe_interval_s
+                self._probe_stream()
             try:
                 self._control(Heartbeat(node=self.info()))
             except Exception as exc:

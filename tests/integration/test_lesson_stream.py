@@ -144,7 +144,7 @@ def test_status_shows_offset_and_lag(swarm: StreamSwarm, tmp_path: Path) -> None
     swarm.stop_pupils()
     swarm.publish([lesson(i) for i in range(4, 9)])  # 5 more while the node is away
     assert service.stream is not None
-    service._probe_stream()  # what the keepalive thread does before each heartbeat
+    service._probe_stream()  # what the keepalive thread does every head_probe_interval_s
     info = caught_up.model_copy(update=service.stream.facts(caught_up.stream_offset))
     assert info.stream_head is not None and info.stream_offset is not None
     store = Store(tmp_path / "master.sqlite3")
