@@ -27,6 +27,7 @@ app = typer.Typer(
 def _register() -> None:
     # Imported here so `distill-swarm pupil` on a Pi never imports the master's modules' deps.
     from distill_swarm.jobs_cli import jobs, submit
+    from distill_swarm.teach_cli import teach
     from master.cli import app as master_app
     from master.cli import evaluate, exam, status
     from master.node_cli import app as node_app
@@ -40,6 +41,7 @@ def _register() -> None:
     app.command("exam")(exam)
     app.command("submit")(submit)
     app.command("jobs")(jobs)
+    app.command("teach")(teach)
 
 
 @app.command("demo")

@@ -117,14 +117,17 @@ def jobs(
     """Recent jobs with who answered them, and the sampled agreement per kind and node."""
     from master.job_store import JobStore
     from master.store import Store
+    from master.teach_store import TeachStore
 
     _, path = master_store(config, store)
     if kind is not None and kind not in KINDS:
         fail(f"--kind {kind!r}: not a job kind; use one of {', '.join(KINDS)}")
     try:
-        job_store = JobStore(Store(path))
+        db = Store(path)
+        job_store = JobStore(db)
         rows = job_store.recent(limit, kind)
         agreement = job_store.agreement()
+        lessons = TeachStore(db).counts("job")
     except sqlite3.DatabaseError as exc:
         fail(f"{path} is not a readable master store: {exc}")
     if as_json:
@@ -137,6 +140,9 @@ def jobs(
             } for r in rows],
             "agreement": [
                 {"kind": k, "node": n, "samples": c, "mean": m} for k, n, c, m in agreement
+            ],
+            "lessons": [
+                {"kind": k, "outcome": o, "count": c} for (k, o), c in lessons.items()
             ],
         }, indent=2))  # fmt: skip
         return
@@ -162,4 +168,11 @@ def jobs(
         lines.append(f"{k:24}  {node:12}  {count:7d}  {mean:6.3f}")
     if not agreement:
         lines.append("(no samples yet: master.jobs.sample_rate decides how many jobs are sampled)")
+    lines.append("")
+    lines.append("lessons made from the master's own job answers (master.jobs.to_lessons)")
+    lines.append(f"{'kind':24}  {'outcome':17}  {'count':>7}")
+    for (k, outcome), count in lessons.items():
+        lines.append(f"{k:24}  {outcome:17}  {count:7d}")
+    if not lessons:
+        lines.append("(none yet: list job kinds in master.jobs.to_lessons to opt in)")
     typer.echo("\n".join(lines))

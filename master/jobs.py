@@ -106,8 +106,12 @@ class JobDispatcher:
         hooks: ConsumerHooks | None = None,
         model: Dependency | None = None,
         broker: Broker | None = None,
+        on_master_answer: Callable[[JobRow, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Told of every answer the master gives itself (a fallback, a critical kind, a quality
+        # sample), on the master worker thread: the master service makes lessons of them.
+        self._on_master_answer = on_master_answer
         # The master's model server: while it is down, the master's answers wait for it (the
         # job stays open) instead of going to the submitter as errors.
         self.model = model
@@ -284,6 +288,8 @@ class JobDispatcher:
             self._answered(row, result)
             if row.fallback_code is not None:
                 self.metrics.fallbacks.labels(row.kind, row.fallback_code.value).inc()
+            if error is None:
+                self._master_answered(row, output)
             log.info(
                 "job %s (%s): master answered in %.2fs", row.job_id, row.kind,
                 time.perf_counter() - started,
@@ -302,6 +308,7 @@ class JobDispatcher:
         if sampled is None:
             return  # stopped while the model was down; a sample is only a measurement
         master, vectors = sampled
+        self._master_answered(row, master)
         agreement = cosine(vectors[0], vectors[1])
         self.store.add_sample(
             row.job_id, row.kind, pupil.answered_by, pupil.output, master, agreement
@@ -316,6 +323,15 @@ class JobDispatcher:
             pupil.answered_by,
             agreement,
         )
+
+    def _master_answered(self, row: JobRow, answer: str) -> None:
+        if self._on_master_answer is None:
+            return
+        try:
+            self._on_master_answer(row, answer)
+        except Exception:
+            # A lesson that could not be made costs the swarm one lesson, never the job's answer.
+            log.exception("job %s: could not make a lesson of the master's answer", row.job_id)
 
     def _with_model(self, work: Callable[[], T]) -> T | None:
         """``work()``, waiting out outages of the master's model; None if stopped meanwhile."""

@@ -49,7 +49,32 @@ def load_prompts(path: Path) -> list[PromptItem]:
     """
     if not path.is_file():
         raise ConfigError(f"prompt set {path} does not exist")
-    raw_items = _read_items(path)
+    return validate_items(_read_items(path), str(path))
+
+
+def prompts_from_jsonl(text: str, where: str) -> list[PromptItem]:
+    """The prompts of JSONL ``text`` (one item a line, as a ``.jsonl`` prompt set holds).
+
+    ``where`` names the source in errors (a file name, or ``stdin``). Raises ConfigError naming
+    the line, item or field at fault.
+    """
+    raw_items: list[Any] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw_items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: line {number} is not valid JSON: {exc.msg}") from None
+    return validate_items(raw_items, where)
+
+
+def validate_items(raw_items: list[Any], where: str) -> list[PromptItem]:
+    """Prompt items from parsed JSON/YAML values; ids default to a hash of the goal.
+
+    Raises ConfigError naming ``where``, the item and the field at fault.
+    """
+    path = where
     items: list[PromptItem] = []
     seen: set[str] = set()
     for number, raw in enumerate(raw_items, start=1):
@@ -68,7 +93,7 @@ def load_prompts(path: Path) -> list[PromptItem]:
         seen.add(item.id)
         items.append(item)
     if not items:
-        raise ConfigError(f"prompt set {path} holds no prompts")
+        raise ConfigError(f"{path} holds no prompts")
     return items
 
 

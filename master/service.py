@@ -4,7 +4,11 @@ Three threads, each with its own broker connection:
 - the *consumer* (the caller's thread) ingests reports and hello/heartbeat/goodbye messages;
 - the *publisher* thread waits for the expected pupils, then answers each prompt with the master
   model and publishes the lesson, skipping lessons an earlier run already published; while the
-  master's model server is down it waits for it (probing with backoff) instead of failing the run;
+  master's model server is down it waits for it (probing with backoff) instead of failing the run.
+  Answers are made ``master.generate_in_flight`` at a time and lessons published in prompt order
+  with a window of confirms (:mod:`master.pipeline`). After the prompt set it keeps teaching:
+  prompts sent with `distill-swarm teach` and the jobs that become lessons (docs/jobs.md), each
+  stored as a request when it arrives and answered in arrival order;
 - the *jobs* thread runs the :class:`~master.jobs.JobDispatcher` (which starts two more: deadlines
   and the master's own job answers).
 """
@@ -12,17 +16,21 @@ Three threads, each with its own broker connection:
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from master.exam import Exam, ExamStore, eval_lessons, publish_exam
 from master.identity import IdentityCheck
-from master.job_store import JobStore
+from master.job_store import JobRow, JobStore
 from master.jobs import JobDispatcher, MasterAnswerer
+from master.pipeline import LessonPipeline, Work
 from master.prompts import PromptItem
 from master.store import Store
+from master.teach_store import LessonRequest, TeachStore
 from master.teacher import Teacher
 from shared.backends import Embedder, TextGenerator, probe
 from shared.broker import (
@@ -33,13 +41,27 @@ from shared.broker import (
     RabbitBroker,
     Settlement,
     Subscription,
+    WindowedPublisher,
     broker_user,
 )
 from shared.config import Settings
-from shared.errors import DecodeError, DistillSwarmError, ModelDown
+from shared.errors import DecodeError, DistillSwarmError, ModelDown, PublishNotConfirmed, one_line
 from shared.health import Dependency
 from shared.job_metrics import MasterJobMetrics
-from shared.messages import Goodbye, Heartbeat, Hello, NodeInfo, Report, decode, encode
+from shared.jobs import render_goal
+from shared.messages import (
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Lesson,
+    NodeInfo,
+    Report,
+    Teach,
+    TeachOutcome,
+    TeachResult,
+    decode,
+    encode,
+)
 from shared.metrics import CountRejected, MasterMetrics
 from shared.topology import Topology
 
@@ -87,6 +109,24 @@ class MasterService:
             settings.master, generator, self.metrics.timed_embedder(embedder), store
         )
         self.stop = stop or threading.Event()
+        self.teach_store = TeachStore(store)
+        # Eval prompts' texts, so that none is ever taught (or learned from a job) as train.
+        self.teach_store.add_stored_eval_lessons()
+        self.teach_store.add_eval_texts(
+            [item.goal_text for item in prompts if self.teacher.split(item) == "eval"]
+        )
+        self.pipeline = LessonPipeline(
+            self.teacher,
+            self.model,
+            store,
+            self.metrics,
+            self.topology.lessons_exchange,
+            settings.master.generate_in_flight,
+            self.stop,
+        )
+        # Answers to teach requests (consumer and publisher threads: Publisher has a lock).
+        self.replies = self.broker.publisher(self.topology.declare_master, self.stop)
+        self._requests_waiting = threading.Event()  # set when a lesson request was stored
         self.jobs = JobDispatcher(
             settings,
             JobStore(store),
@@ -103,6 +143,7 @@ class MasterService:
             ),
             model=self.model,
             broker=self.broker,
+            on_master_answer=self._job_answered,
         )
         self.exams = ExamStore(store)
         self.exam: Exam | None = None  # the exam this run held at its end (master.exam)
@@ -138,6 +179,9 @@ class MasterService:
         return Settlement.ack(pending=batch)
 
     def _ingest(self, delivery: Delivery) -> None:
+        if delivery.queue == self.topology.teach_queue:
+            self._on_teach(delivery)
+            return
         if delivery.queue == self.topology.reports_queue:
             report = decode(delivery.body, Report)
             self._check_identity(report.node_id, delivery)
@@ -263,41 +307,184 @@ class MasterService:
                 return
         log.info("pupils present: %s", ", ".join(self.expected_nodes()))
 
+    def _lesson_publisher(self) -> WindowedPublisher:
+        return self.broker.windowed_publisher(
+            self.topology.declare_master, self.stop, self.settings.master.publish_window
+        )
+
     def publish_lessons(self) -> None:
-        """Answer every prompt and publish it as a lesson, once per lesson id."""
-        publisher = self.broker.publisher(self.topology.declare_master, self.stop)
-        try:
-            self._wait_for_nodes()
-            for seq, item in enumerate(self.prompts):
-                if self.stop.is_set():
-                    return
-                # Waits out an outage of the master's model: the lesson is made once it is back.
-                made = self.model.call(
-                    functools.partial(self.teacher.lesson_for, item, seq), self.stop
-                )
-                if made is None:
-                    return  # stopped while the model was down
-                lesson, published = made
-                self.lesson_ids.append(lesson.lesson_id)
-                if published:
-                    continue
-                # Taken before publishing: a node heard from before now has its queue bound.
-                started_at = datetime.now(UTC).isoformat()
-                publisher.publish(
-                    self.topology.lessons_exchange, "", encode(lesson), lesson.lesson_id
-                )
-                self.store.mark_published(lesson.lesson_id, started_at)
-                self.metrics.lessons_published.inc()
+        """Answer every prompt and publish it as a lesson, once per lesson id, in prompt order."""
+        publisher = self._lesson_publisher()
+        total = len(self.prompts)
+
+        def done(seq: int, lesson: Lesson, new: bool) -> None:
+            self.lesson_ids.append(lesson.lesson_id)
+            if new:
                 log.info(
                     "published lesson %d/%d (%s, %s)",
                     seq + 1,
-                    len(self.prompts),
+                    total,
                     lesson.lesson_id[:8],
                     lesson.split,
                 )
+
+        try:
+            self._wait_for_nodes()
+            work = (
+                Work(item, seq, on_done=functools.partial(done, seq))
+                for seq, item in enumerate(self.prompts)
+            )
+            self.pipeline.run(work, publisher)
         finally:
             publisher.close()
             self.publishing_done.set()
+
+    # -- teaching at any time (publisher thread, after the prompt set) ----------------------
+
+    def serve_teaching(self) -> None:
+        """Answer stored lesson requests (teach, jobs) as they come, until ``stop`` is set."""
+        publisher = self._lesson_publisher()
+        try:
+            while not self.stop.is_set():
+                if not self.teach_pending(publisher):
+                    self._requests_waiting.wait(WAIT_POLL_S)
+                    self._requests_waiting.clear()
+        finally:
+            publisher.close()
+
+    def teach_pending(self, publisher: WindowedPublisher) -> int:
+        """Answer the stored requests pending now; returns how many there were."""
+        pending = self.teach_store.pending()
+        if pending:
+            self.pipeline.run(self._request_work(pending), publisher)
+        return len(pending)
+
+    def _request_work(self, requests: list[LessonRequest]) -> Iterator[Work]:
+        """The work of pending requests, in arrival order; refusals are answered on the way."""
+        seq = self.teach_store.next_seq()
+        lessons: set[str] = set()
+        for request in requests:
+            item = request.item
+            lesson_id = self.teacher.lesson_id(item)
+            if lesson_id in lessons:
+                continue  # one lesson twice in a batch: the next batch finds it published
+            lessons.add(lesson_id)
+            split = self.teacher.split(item)
+            if split == "train" and self.teach_store.is_eval_text(item.goal_text):
+                self._request_done(
+                    request, "refused", None, "its text is an eval prompt's: never a train lesson"
+                )
+                continue
+            if split == "eval":
+                self.teach_store.add_eval_texts([item.goal_text])
+            yield Work(
+                item,
+                seq,
+                request.answer,
+                on_done=functools.partial(self._request_made, request),
+                on_failed=functools.partial(self._request_failed, request),
+            )
+            seq += 1
+
+    def _request_made(self, request: LessonRequest, lesson: Lesson, new: bool) -> None:
+        outcome: TeachOutcome = "published" if new else "already_published"
+        detail = "" if new else "published before: nothing new was sent"
+        self._request_done(request, outcome, lesson, detail)
+
+    def _request_failed(self, request: LessonRequest, exc: Exception) -> None:
+        reason = one_line(f"the master could not answer: {type(exc).__name__}: {exc}")[:1000]
+        self._request_done(request, "failed", None, reason)
+
+    def _request_done(
+        self, request: LessonRequest, outcome: TeachOutcome, lesson: Lesson | None, detail: str
+    ) -> None:
+        lesson_id = None if lesson is None else lesson.lesson_id
+        self.teach_store.finish(request.request_id, outcome, lesson_id, detail)
+        if request.source == "job":
+            self.jobs.metrics.lessons.labels(request.kind, outcome).inc()
+        else:
+            self.metrics.taught.labels(outcome).inc()
+        log.info(
+            "%s %s: %s%s%s",
+            "taught prompt" if request.source == "teach" else "lesson from",
+            request.item.id if request.source == "teach" else request.request_id,
+            outcome.replace("_", " "),
+            "" if lesson_id is None else f" (lesson {lesson_id[:8]})",
+            f": {detail}" if detail and outcome != "already_published" else "",
+        )
+        split = None if lesson is None else lesson.split
+        result = TeachResult(
+            prompt_id=request.item.id,
+            outcome=outcome,
+            lesson_id=lesson_id,
+            split=split,
+            detail=detail,
+        )
+        self._reply(request.reply_to, request.correlation_id, result)
+
+    def _reply(self, reply_to: str | None, correlation_id: str | None, result: TeachResult) -> None:
+        if not reply_to:
+            return  # sent without waiting (`teach --no-wait`): the store has the outcome
+        try:
+            self.replies.publish(
+                "", reply_to, encode(result), result.message_id, correlation_id=correlation_id
+            )
+        except PublishNotConfirmed:
+            log.info("teach %s: the sender's queue %s is gone", result.prompt_id, reply_to)
+
+    def _on_teach(self, delivery: Delivery) -> None:
+        """Store a teach request (consumer thread); the publisher thread answers it."""
+        props = delivery.properties
+        try:
+            teach = decode(delivery.body, Teach)
+        except DecodeError as exc:
+            refused = TeachResult(
+                prompt_id="unknown", outcome="refused", detail=one_line(str(exc))[:2000]
+            )
+            self._reply(props.reply_to, props.correlation_id, refused)
+            raise
+        item = PromptItem(
+            id=teach.prompt_id,
+            goal_text=teach.goal_text,
+            task=teach.task,
+            preferences=teach.preferences,
+            instructions=teach.instructions,
+            split=teach.split,
+        )
+        stored = self.teach_store.add(
+            teach.message_id, "teach", item, None, props.reply_to, props.correlation_id
+        )
+        if not stored:
+            # A redelivery: answer again if it was answered (the reply may have been lost).
+            known = self.teach_store.get(teach.message_id)
+            if known is not None and known.outcome is not None:
+                self._reply(
+                    props.reply_to,
+                    props.correlation_id,
+                    TeachResult(
+                        prompt_id=item.id,
+                        outcome=known.outcome,
+                        lesson_id=known.lesson_id,
+                        detail=known.detail or "",
+                    ),
+                )
+            return
+        self._requests_waiting.set()
+
+    def _job_answered(self, row: JobRow, answer: str) -> None:
+        """A job the master answered itself (jobs thread): a lesson, if its kind opted in."""
+        if row.kind not in self.settings.master.jobs.to_lessons:
+            return
+        goal = render_goal(row.kind, row.text, row.params)
+        if self.teach_store.is_eval_text(goal, row.text):
+            self.jobs.metrics.lessons.labels(row.kind, "refused").inc()
+            log.info("job %s (%s): no lesson: its text is an eval prompt's", row.job_id, row.kind)
+            return
+        # Named by its text: the same job text seen again is the same lesson, taught once.
+        prompt_id = "job:" + hashlib.sha256(goal.encode()).hexdigest()[:24]
+        item = PromptItem(id=prompt_id, goal_text=goal[:16_000], task=row.kind, split="train")
+        if self.teach_store.add(f"job:{row.job_id}", "job", item, answer):
+            self._requests_waiting.set()
 
     def complete(self) -> bool:
         """True when every lesson of this run has a report from every present node that could
@@ -369,7 +556,11 @@ class MasterService:
 
     def report_queue_kinds(self) -> dict[str, str]:
         """The report consumer's queues, each with its `queue` label in the metrics."""
-        return {self.topology.reports_queue: "reports", self.topology.control_queue: "control"}
+        return {
+            self.topology.reports_queue: "reports",
+            self.topology.control_queue: "control",
+            self.topology.teach_queue: "teach",
+        }
 
     def report_consumer(self, hooks: ConsumerHooks | None = None) -> MessageConsumer:
         """The consumer of reports and control messages; dead letters are counted by default."""
@@ -392,6 +583,7 @@ class MasterService:
                 self.publish_lessons()
                 if exit_when_done and self.settings.master.exam:
                     self.hold_exam()
+                self.serve_teaching()
             except BaseException as exc:
                 self.failure = exc
                 self.stop.set()
@@ -417,6 +609,7 @@ class MasterService:
             self.stop.set()  # the consumer may end by raising: the other threads must end too
             for thread in threads:
                 thread.join(timeout=10)
+            self.replies.close()
             self.model.close()
         if self.failure is not None:
             raise self.failure

@@ -214,8 +214,15 @@ class MasterJobsConfig(_Section):
     # Fraction of offloaded jobs the master answers too, to record agreement (cosine of the two
     # answers' embeddings) per kind and node. Each sample costs one master generation.
     sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    # Kinds whose jobs become train lessons when the master answers them itself (a critical
+    # kind, a deadline or pupil-failure fallback, an agreement sample): the pupils then learn the
+    # traffic they are asked to serve. Opt-in per kind, since a job's text is a user's data. A
+    # job whose text is an eval prompt's never becomes a lesson (docs/jobs.md).
+    to_lessons: list[str] = []
 
     _split_critical = field_validator("critical", mode="before")(_split_list)
+    _split_to_lessons = field_validator("to_lessons", mode="before")(_split_list)
+    _known_to_lessons = field_validator("to_lessons")(_known_kinds)
 
     @field_validator("critical")
     @classmethod
@@ -273,6 +280,16 @@ class MasterConfig(_Section):
     # At most this many distinct `node` label values; further nodes share the label `_other`
     # (shared.metrics.OTHER_NODE: no node id can start with an underscore).
     metrics_max_nodes: int = Field(default=256, ge=1, le=100_000)
+    # Answers the master asks its model server for at once while it makes lessons (prompt sets,
+    # `distill-swarm teach`, jobs that become lessons). Ollama serves that many in parallel with
+    # OLLAMA_NUM_PARALLEL (its default is 4 or 1 by free memory), so 4 keeps a GPU busy without
+    # queueing behind a server that serves fewer; the embedded model serialises them anyway.
+    # Lessons are still published in prompt order (docs/decisions.md §32).
+    generate_in_flight: int = Field(default=4, ge=1, le=64)
+    # Lessons published and not yet confirmed by the broker, at most: a window instead of one
+    # round trip per lesson (bench/throughput.py). A lesson is marked published only once its
+    # own confirm arrived; a nack or a lost connection publishes the unconfirmed ones again.
+    publish_window: int = Field(default=100, ge=1, le=10_000)
     generator: MasterGeneratorConfig = MasterGeneratorConfig()
     embedder: EmbedderConfig = EmbedderConfig()
     jobs: MasterJobsConfig = MasterJobsConfig()

@@ -72,6 +72,14 @@ class MasterJobMetrics:
             "node",
         )
         self.open = declare.gauge("jobs_open", "Jobs accepted but not answered yet.")
+        self.lessons = declare.counter(
+            "job_lessons",
+            "Jobs the master answered itself, made into train lessons (master.jobs.to_lessons), "
+            "by kind and outcome: published, already_published (the same text before), refused "
+            "(an eval prompt's text), failed.",
+            "kind",
+            "outcome",
+        )
 
     def record_answer(self, kind: str, answered_by: str, ok: bool, seconds: float) -> None:
         """Count one answer sent to a submitter (``answered_by`` is a node id or ``master``)."""

@@ -303,8 +303,47 @@ class JobResult(Message):
     guidance: str = Field(default="", max_length=32)  # how a pupil answered (its guidance method)
 
 
+class Teach(Message):
+    """A prompt for a running master to answer and publish as a lesson (`distill-swarm teach`).
+
+    The fields are a prompt set item's (master/prompts.py). ``reply_to`` and ``correlation_id``
+    travel as AMQP properties, as a job's do; the master answers with a :class:`TeachResult`.
+    The same prompt id and text answered by the same master model is the same lesson: teaching
+    it again publishes nothing new.
+    """
+
+    kind: ClassVar[str] = "teach"
+    prompt_id: str = Field(min_length=1, max_length=64)
+    goal_text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    task: str = Field(default="general", min_length=1, max_length=64)
+    preferences: list[Annotated[str, Field(max_length=2_000)]] = Field(
+        default_factory=list, max_length=32
+    )
+    instructions: list[Annotated[str, Field(max_length=2_000)]] = Field(
+        default_factory=list, max_length=32
+    )
+    split: Split | None = None
+
+
+# What became of a teach request: published now, published by an earlier request (nothing new
+# sent), refused (the text of an eval prompt as a train lesson), or failed (the master's model).
+TeachOutcome = Literal["published", "already_published", "refused", "failed"]
+
+
+class TeachResult(Message):
+    """The master's answer to a :class:`Teach`: which lesson, and whether it is new."""
+
+    kind: ClassVar[str] = "teach_result"
+    prompt_id: str = Field(min_length=1, max_length=64)
+    outcome: TeachOutcome
+    lesson_id: str | None = Field(default=None, max_length=64)
+    split: Split | None = None
+    detail: str = Field(default="", max_length=2_000)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Lesson, Report, Hello, Heartbeat, Goodbye, Job, JobResult)
+    cls.kind: cls
+    for cls in (Lesson, Report, Hello, Heartbeat, Goodbye, Job, JobResult, Teach, TeachResult)
 }
 
 M = TypeVar("M", bound=Message)

@@ -370,6 +370,12 @@ class MasterMetrics(ServiceMetrics):
         self.lessons_published = declare.counter(
             "lessons_published", "Lessons published (confirmed by the broker)."
         )
+        self.taught = declare.counter(
+            "teach_requests",
+            "Prompts sent with `distill-swarm teach`, answered by outcome: published, "
+            "already_published (nothing new sent), refused (an eval prompt's text), failed.",
+            "outcome",
+        )
         self.generate_seconds = declare.histogram(
             "generate_seconds", "Seconds the master model took per answer.", LLM_BUCKETS_S
         )

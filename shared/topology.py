@@ -72,6 +72,11 @@ class Topology:
     job_submissions_queue = _Named("master.jobs")
     # Where pupils' job results wait for the master (bound to reports, ``JOB_RESULT_KEY``).
     job_results_queue = _Named("master.job-results")
+    # `distill-swarm teach`: prompts for a running master to answer and publish as lessons. An
+    # exchange of its own, so that who may teach is one grant on one name: a node's user may not
+    # write it (master/access.py), and a submitter of jobs need not be able to either.
+    teach_exchange = _Named("teach")
+    teach_queue = _Named("master.teach")
 
     # Routing key of reports on the direct reports exchange.
     REPORT_KEY = "report"
@@ -81,6 +86,8 @@ class Topology:
     JOB_RESULT_KEY = "job-result"
     # Routing key of submitted jobs on the jobs exchange (never a job kind's name).
     SUBMIT_KEY = "submit"
+    # Routing key of teach requests on the teach exchange.
+    TEACH_KEY = "teach"
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Topology:
@@ -148,6 +155,7 @@ class Topology:
             (self.reports_exchange, "direct"),
             (self.control_exchange, "topic"),
             (self.dead_exchange, "fanout"),
+            (self.teach_exchange, "direct"),
         ):
             channel.exchange_declare(name, exchange_type=kind, durable=True)
         # The dead-letter queue itself has no DLX: a message that fails there stays there.
@@ -169,6 +177,8 @@ class Topology:
             self.job_results_queue, durable=True, arguments=self._queue_args(True)
         )
         channel.queue_bind(self.job_results_queue, self.reports_exchange, self.JOB_RESULT_KEY)
+        channel.queue_declare(self.teach_queue, durable=True, arguments=self._queue_args(True))
+        channel.queue_bind(self.teach_queue, self.teach_exchange, self.TEACH_KEY)
         for kind in self.job_kinds:
             self.declare_job_queue(channel, kind)
         if self.uses_stream:
@@ -285,7 +295,7 @@ class Topology:
     def delete_all(self, channel: BlockingChannel, node_ids: tuple[str, ...] = ()) -> None:
         """Remove every exchange and queue of this namespace (tests and `demo` clean-up)."""
         queues = [self.reports_queue, self.control_queue, self.dead_queue]
-        queues += [self.job_submissions_queue, self.job_results_queue]
+        queues += [self.job_submissions_queue, self.job_results_queue, self.teach_queue]
         # Every kind of the catalogue, not only ours: pupils may have declared others' queues.
         queues += [self.job_queue(k) for k in KINDS]
         queues += [self.pupil_queue(n) for n in node_ids]
@@ -298,5 +308,6 @@ class Topology:
             self.reports_exchange,
             self.control_exchange,
             self.dead_exchange,
+            self.teach_exchange,
         ):
             channel.exchange_delete(exchange)

@@ -22,7 +22,7 @@ from shared.broker.connection import (
 )
 from shared.broker.consumer import ConsumeOptions, Consumer, Subscription
 from shared.broker.hooks import ConsumerHooks
-from shared.broker.publisher import Publisher
+from shared.broker.publisher import Publisher, WindowedPublisher
 from shared.broker.settlement import (
     Action,
     Delivery,
@@ -48,6 +48,7 @@ __all__ = [
     "Requeue",
     "Settlement",
     "Subscription",
+    "WindowedPublisher",
     "backoff_delays",
     "broker_user",
     "close_quietly",

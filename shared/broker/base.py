@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from shared.broker.consumer import Consumer, Subscription
-from shared.broker.publisher import Publisher
+from shared.broker.publisher import DEFAULT_CONFIRM_WINDOW, Publisher, WindowedPublisher
 from shared.config import BrokerConfig
 
 # Declares what a publisher needs on a fresh channel (Topology.declare_*).
@@ -29,6 +29,13 @@ class Broker(Protocol):
         self, declare: Declare | None = None, stop: threading.Event | None = None
     ) -> Publisher: ...
 
+    def windowed_publisher(
+        self,
+        declare: Declare | None = None,
+        stop: threading.Event | None = None,
+        window: int = DEFAULT_CONFIRM_WINDOW,
+    ) -> WindowedPublisher: ...
+
     def consumer(self, subscription: Subscription) -> MessageConsumer: ...
 
 
@@ -48,6 +55,15 @@ class RabbitBroker:
     ) -> Publisher:
         """A confirming publisher (it connects on its first publish)."""
         return Publisher(self.config, declare, stop)
+
+    def windowed_publisher(
+        self,
+        declare: Declare | None = None,
+        stop: threading.Event | None = None,
+        window: int = DEFAULT_CONFIRM_WINDOW,
+    ) -> WindowedPublisher:
+        """A publisher with up to ``window`` confirms in flight (it connects on first use)."""
+        return WindowedPublisher(self.config, declare, stop, window)
 
     def consumer(self, subscription: Subscription) -> Consumer:
         """A consumer of ``subscription`` (it connects in ``run``)."""

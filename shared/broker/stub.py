@@ -15,6 +15,7 @@ import itertools
 import json
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,10 +23,18 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
+import pika.frame
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
+from shared.broker.connection import properties
 from shared.broker.consumer import Subscription, send_settlements
-from shared.broker.publisher import Publisher
+from shared.broker.publisher import (
+    DEFAULT_CONFIRM_WINDOW,
+    Publisher,
+    WindowedPublisher,
+    _Unconfirmed,
+)
 from shared.broker.settlement import Delivery
 from shared.broker.worker import Worker
 from shared.config import BrokerConfig
@@ -234,6 +243,49 @@ class StubPublisher(Publisher):
         return self._channel
 
 
+class StubWindowedPublisher(WindowedPublisher):
+    """The real :class:`~shared.broker.publisher.WindowedPublisher`, on a :class:`StubChannel`.
+
+    The stub broker confirms what is in flight whenever the publisher waits for events, unless
+    ``hold_confirms`` is set: then nothing is confirmed (a test looks at what was marked done
+    before any confirm came).
+    """
+
+    def __init__(
+        self,
+        channel: StubChannel,
+        config: BrokerConfig,
+        declare: Callable[[Any], object] | None = None,
+        window: int = DEFAULT_CONFIRM_WINDOW,
+    ) -> None:
+        super().__init__(config, declare, window=window)
+        self._stub = channel
+        self.hold_confirms = False
+
+    def _ensure_channel(self) -> BlockingChannel:
+        if self._channel is None:
+            if self._declare is not None:
+                self._declare(self._stub)
+            self._channel = self._stub
+        return self._channel
+
+    def _send(self, channel: BlockingChannel, message: _Unconfirmed) -> None:
+        try:
+            props = properties(message.message_id, message.headers, **message.props)
+            self._stub.basic_publish(
+                message.exchange, message.routing_key, message.body, props, message.mandatory
+            )
+        except pex.UnroutableError:
+            self._returned.add(message.message_id)  # RabbitMQ returns it, then confirms it
+
+    def _wait_for_events(self, timeout_s: float) -> None:
+        if self.hold_confirms or not self._in_flight:
+            time.sleep(min(timeout_s, 0.001))
+            return
+        last = max(self._in_flight)
+        self._on_confirm(pika.frame.Method(1, pika.spec.Basic.Ack(last, multiple=True)))
+
+
 class StubConsumer:
     """A consumer of stub queues: the real worker and settling, run by :meth:`drain`."""
 
@@ -302,6 +354,15 @@ class StubBroker:
     ) -> StubPublisher:
         """A publisher on this broker; ``declare`` runs on its channel before the first publish."""
         return StubPublisher(self.channel, self.config, declare)
+
+    def windowed_publisher(
+        self,
+        declare: Callable[[Any], object] | None = None,
+        stop: threading.Event | None = None,
+        window: int = DEFAULT_CONFIRM_WINDOW,
+    ) -> StubWindowedPublisher:
+        """A windowed publisher on this broker; the stub confirms as soon as it is asked to."""
+        return StubWindowedPublisher(self.channel, self.config, declare, window)
 
     def consumer(self, subscription: Subscription) -> StubConsumer:
         """A consumer of ``subscription``, after its ``declare`` ran on this broker's channel."""
