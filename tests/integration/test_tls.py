@@ -21,7 +21,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from distill_swarm.local_broker import LocalBroker
 from master.access import pupil_permissions
 from shared.broker import Consumer, Delivery, Publisher, connect, redact
-from shared.config import BrokerConfig, Settings
+from shared.config import BrokerConfig, LessonsConfig, Settings
 from shared.errors import BrokerError
 from shared.jobs import OFFLOADABLE
 from shared.messages import Embedding, Hello, Lesson, Report, decode, encode
@@ -168,7 +168,8 @@ def test_a_pupil_service_with_its_own_user_learns_over_amqps(
     from pupil_node.service import PupilService
     from shared.backends import build_embedder, build_generator
 
-    topology = Topology("tls", job_kinds=OFFLOADABLE)
+    # What a master with default settings declares: the job queues and the lesson stream.
+    topology = Topology("tls", job_kinds=OFFLOADABLE, lessons=LessonsConfig())
     permissions = pupil_permissions(topology, "pi-7")
     broker = tls_broker.broker
     for args in (
