@@ -294,6 +294,37 @@ def test_the_pupil_serves_its_lora_as_a_node_local_ollama_model(
         ollama.Client(host=server.url).delete(served.model)
 
 
+def test_a_study_round_trains_on_the_ollama_blob_and_ollama_serves_the_result(
+    server: Server, generator: OllamaGenerator, tmp_path: Path
+) -> None:
+    # Issue 12 end to end on Ollama: the base weights come from the blob the server serves
+    # (found through /api/show), the round runs as in a pupil (a child process), and the
+    # promoted adapter is served by the server as a model of its own. The dequantised base is
+    # cached by the blob's sha256, the same file as the packaged GGUF, so the embedded LoRA
+    # tests' cache serves here too.
+    pytest.importorskip("peft")
+    from prometheus_client import CollectorRegistry
+
+    from pupil_node.study.serving import LoraServing
+    from shared.study_metrics import StudyMetrics
+    from tests.integration.test_lora_serving import HELD_OUT, answer, node_config, train_lessons
+
+    before = answer(generator, HELD_OUT)
+    serving = LoraServing(
+        node_config(tmp_path), tmp_path, generator, train_lessons, StudyMetrics(CollectorRegistry())
+    )
+    assert serving.scheduler is not None
+    outcome = serving.scheduler.run_round()
+    assert outcome is not None and outcome.outcome == "promoted", outcome
+    served = serving.generator()
+    assert isinstance(served, OllamaGenerator) and served.model.startswith("gemma3-lora-v1-")
+    try:
+        assert answer(served, HELD_OUT) != before
+        assert answer(generator, HELD_OUT) == before
+    finally:
+        ollama.Client(host=server.url).delete(served.model)
+
+
 def _tiny_peft_adapter(directory: Path, base_gguf: Path) -> Path:
     """A peft-format LoRA (rank 4, q and v of every block) with weights big enough to matter."""
     from safetensors.numpy import save_file
