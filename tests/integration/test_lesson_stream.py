@@ -57,11 +57,18 @@ def adapter_version(swarm: StreamSwarm, node_id: str) -> int:
     return trainer.version
 
 
-def test_a_new_node_learns_every_lesson_published_before_it_joined(swarm: StreamSwarm) -> None:
+def test_a_new_node_learns_every_lesson_published_before_it_joined(
+    swarm: StreamSwarm, caplog: pytest.LogCaptureFixture
+) -> None:
     published = [lesson(i, "eval" if i % 5 == 4 else "train") for i in range(15)]
     swarm.publish(published)
-    service = swarm.pupil("a")
-    wait_until(lambda: len(swarm.journal("a")) == 15, what="15 lessons journalled")
+    with caplog.at_level(logging.INFO, logger="pupil_node.service"):
+        service = swarm.pupil("a", LessonsConfig(catch_up_log_every=5))
+        wait_until(lambda: len(swarm.journal("a")) == 15, what="15 lessons journalled")
+        wait_until(lambda: "caught up at offset" in caplog.text, what="the caught-up line")
+    # The catch-up says so in the log, with its progress.
+    assert "starting at the first retained lesson" in caplog.text
+    assert caplog.text.count("lesson stream: catching up, at offset") >= 2
     journal = swarm.journal("a")
     # Every lesson, once, in publishing order, each with its stream offset.
     assert [i for i, _ in journal] == [x.lesson_id for x in published]
