@@ -177,6 +177,8 @@ class StreamSwarm:
         db = sqlite3.connect(path)
         try:
             rows = db.execute("SELECT lesson_id, stream_offset FROM done ORDER BY rowid").fetchall()
+        except sqlite3.OperationalError:
+            return []  # the node is creating its journal right now
         finally:
             db.close()
         return [(str(r[0]), None if r[1] is None else int(r[1])) for r in rows]

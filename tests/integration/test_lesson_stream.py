@@ -30,7 +30,7 @@ from shared.config import BrokerConfig, LessonsConfig
 from shared.errors import BrokerError
 from shared.messages import encode
 from shared.namespace import delete_namespace
-from shared.topology import Topology
+from shared.topology import ORIGIN_QUEUE_HEADER, REASON_HEADER, Topology
 from tests.support.private_broker import require_rabbitmq_server
 
 pytestmark = pytest.mark.broker
@@ -184,6 +184,35 @@ def test_a_requeued_stream_lesson_is_redelivered_not_skipped(swarm: StreamSwarm)
     swarm.publish([lesson(i) for i in range(5)])
     wait_until(lambda: len(swarm.journal("a")) == 5, what="all 5 lessons")
     assert failed and done_ids(swarm, "a") == [f"lesson-{i:05d}" for i in range(5)]
+
+
+def test_a_bad_lesson_on_the_stream_is_dead_lettered_with_its_reason(swarm: StreamSwarm) -> None:
+    # A stream cannot dead-letter: the pupil republishes to <ns>.dead with the reason, and
+    # carries on with the next lesson.
+    connection = connect(swarm.broker)
+    try:
+        props = pika.BasicProperties(message_id="garbage", delivery_mode=2)
+        connection.channel().basic_publish(swarm.topology.lessons_exchange, "", b"not json", props)
+    finally:
+        connection.close()
+    swarm.publish([lesson(0)])
+    swarm.pupil("a")
+    wait_until(lambda: len(swarm.journal("a")) == 1, what="the good lesson after the bad one")
+
+    def dead() -> tuple[bytes, dict[str, object]] | None:
+        connection = connect(swarm.broker)
+        try:
+            method, props, body = connection.channel().basic_get(
+                swarm.topology.dead_queue, auto_ack=True
+            )
+        finally:
+            connection.close()
+        return None if method is None else (body, dict(props.headers or {}))
+
+    body, headers = wait_until(dead, what="the dead letter")
+    assert body == b"not json"
+    assert "not valid JSON" in str(headers[REASON_HEADER])
+    assert headers[ORIGIN_QUEUE_HEADER] == swarm.topology.lessons_stream
 
 
 # -- a private broker: per-node permissions and the migration ---------------------------------
