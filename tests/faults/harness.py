@@ -56,7 +56,8 @@ max_backoff_s = 1.0
 connect_attempts = 10
 
 # These scenarios watch per-node queues (their depth, what a restart leaves in them); the
-# lesson stream's faults (SIGKILL mid-catch-up, retention) are tests/integration/test_lesson_stream.py.
+# lesson stream's faults (SIGKILL mid-catch-up, retention) are in
+# tests/integration/test_lesson_stream.py.
 [lessons]
 transport = "queues"
 
