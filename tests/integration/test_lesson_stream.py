@@ -295,6 +295,14 @@ def test_a_swarm_moves_from_per_node_queues_to_the_stream_without_losing_a_lesso
         old.declare()
         old.pupil("a")
         old.pupil("b")
+        # A fanout reaches only the queues that exist: wait for both nodes' consumers.
+        wait_until(
+            lambda: (
+                consumers(broker, old.topology.pupil_queue("a")) == 1
+                and consumers(broker, old.topology.pupil_queue("b")) == 1
+            ),
+            what="both nodes consuming their queues",
+        )
         old.publish([lesson(i) for i in range(3)])
         wait_until(lambda: len(old.journal("a")) == len(old.journal("b")) == 3, what="3 each")
         old.stop_pupils()
@@ -332,6 +340,18 @@ def test_a_swarm_moves_from_per_node_queues_to_the_stream_without_losing_a_lesso
         old.close()
         new.close()
         delete_namespace(broker, ("a", "b"))
+
+
+def consumers(broker: BrokerConfig, queue: str) -> int:
+    """The queue's consumer count; 0 while it does not exist."""
+    connection = connect(broker)
+    try:
+        declared = connection.channel().queue_declare(queue, passive=True)
+        return int(declared.method.consumer_count)
+    except pex.ChannelClosedByBroker:
+        return 0
+    finally:
+        connection.close()
 
 
 def queue_depth(broker: BrokerConfig, queue: str) -> int:
