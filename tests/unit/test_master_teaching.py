@@ -211,3 +211,25 @@ def test_a_nodes_user_can_neither_teach_nor_read_teach_requests() -> None:
         assert not re.match(permissions.write, name)
         assert not re.match(permissions.read, name)
         assert not re.match(permissions.configure, name)
+
+
+def test_a_master_run_without_prompts_keeps_serving_and_teaches(tmp_path: Path) -> None:
+    swarm = StubSwarm(tmp_path)
+    master = swarm.master([])
+    setup(swarm, master)
+    thread = threading.Thread(target=master.run, daemon=True)
+    thread.start()
+    try:
+        assert master.publishing_done.wait(10)  # an empty prompt set: nothing to publish
+        send(swarm, master, Teach(prompt_id="late", goal_text="Taught after the start"))
+        deadline = time.monotonic() + 10
+        while not published(swarm, master) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [lesson.goal_text for lesson in published(swarm, master)] == [
+            "Taught after the start"
+        ]
+        assert thread.is_alive()  # still serving
+    finally:
+        master.stop.set()
+        thread.join(timeout=10)
+    assert master.failure is None
