@@ -23,6 +23,7 @@ from master.prompts import load_prompts
 from master.service import MasterService
 from master.status import format_json, format_table
 from master.store import Store
+from master.teach_store import TeachStore
 from shared.backends import embedder_from, generator_from
 from shared.broker import Publisher
 from shared.cli_options import ConfigOpt, JsonOpt, StoreOpt, master_store
@@ -98,8 +99,23 @@ def status(
 ) -> None:
     """Every node with last seen, lessons done, latest loss and eval similarity."""
     settings, path = master_store(config, store)
-    rows = Store(path).node_status(settings.master.duplicate_window_s)
+    db = Store(path)
+    rows = db.node_status(settings.master.duplicate_window_s)
     typer.echo(format_json(rows) if as_json else format_table(rows))
+    if not as_json:
+        typer.echo(_taught_line(TeachStore(db)))
+
+
+def _taught_line(teach_store: TeachStore) -> str:
+    """One line on lessons taught while the master ran: `teach` requests and jobs."""
+    parts = []
+    for source, name in (("teach", "taught"), ("job", "from jobs")):
+        counts: dict[str, int] = {}
+        for (_, outcome), n in teach_store.counts(source).items():
+            counts[outcome] = counts.get(outcome, 0) + n
+        total = ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in sorted(counts.items()))
+        parts.append(f"lessons {name}: {total or 'none'}")
+    return "; ".join(parts) + " (`distill-swarm jobs` has them by kind)"
 
 
 def evaluate(
