@@ -117,6 +117,21 @@ class Journal:
         row = db.execute("SELECT value FROM meta WHERE key='stream_offset'").fetchone()
         return None if row is None else int(row[0])
 
+    def forget_offsets(self) -> None:
+        """Forget every stream offset: the stream was declared again and its offsets restarted.
+
+        The entries stay (a lesson done is still done); only where they sat is gone. Safe from
+        any thread: it writes on a connection of its own.
+        """
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            with transaction(db):
+                db.execute("DELETE FROM meta WHERE key='stream_offset'")
+                db.execute("UPDATE done SET stream_offset = NULL")
+        finally:
+            db.close()
+        self.offset = None
+
     def resume_offset(self) -> int | None:
         """Where the node resumes the stream: None if it never read it (start at "first").
 

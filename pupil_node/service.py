@@ -208,6 +208,19 @@ class PupilService:
         assert self.stream is not None
         resume = self.node.journal.resume_offset()
         bounds = self._probe_stream()
+        if resume is not None and bounds is not None and resume > (bounds.last or -1) + 1:
+            # Offsets only grow: a stream that ends before this node's offset was deleted and
+            # declared again, and its offsets started over. Resuming at ours would skip its first
+            # lessons; reading it all again costs only acks for what the journal holds.
+            log.warning(
+                "lesson stream: it ends at offset %s, before this node's next offset %d: it was "
+                "deleted and declared again; reading it again from the first retained lesson",
+                bounds.last,
+                resume,
+            )
+            self.node.journal.forget_offsets()
+            self.stream.offset = None
+            resume = None
         self.stream.resume_from = 0 if resume is None else resume
         if resume is None:
             log.info(
@@ -215,7 +228,7 @@ class PupilService:
                 self.stream.describe(),
             )
             return FIRST
-        if bounds.first is not None and resume < bounds.first:
+        if bounds is not None and bounds.first is not None and resume < bounds.first:
             self.stream.lose(resume, bounds.first - 1)
             log.warning(
                 "lesson stream: this node resumes at offset %d but retention has dropped "
@@ -231,14 +244,14 @@ class PupilService:
         log.info("lesson stream: resuming at offset %d (%s)", resume, self.stream.describe())
         return resume
 
-    def _probe_stream(self) -> StreamBounds:
-        """The stream's bounds (also noting its head); empty bounds if the probe failed."""
+    def _probe_stream(self) -> StreamBounds | None:
+        """The stream's bounds (also noting its head); None if the probe failed."""
         assert self.stream is not None
         try:
             bounds = stream_bounds(self.settings.broker, self.topology.lessons_stream)
         except BrokerError as exc:
             log.warning("could not look up the lesson stream's head: %s", exc)
-            return StreamBounds(None, None)
+            return None
         self.stream.see_head(bounds.last)
         return bounds
 

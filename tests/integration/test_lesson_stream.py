@@ -186,6 +186,31 @@ def test_a_requeued_stream_lesson_is_redelivered_not_skipped(swarm: StreamSwarm)
     assert failed and done_ids(swarm, "a") == [f"lesson-{i:05d}" for i in range(5)]
 
 
+def test_a_stream_declared_again_is_read_again_from_its_start(
+    swarm: StreamSwarm, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deleting the stream (to change its retention, say) restarts its offsets at 0: a node must
+    # not wait at its old offset for lessons that have lower ones now.
+    swarm.publish([lesson(i) for i in range(6)])
+    swarm.pupil("a")
+    wait_until(lambda: len(swarm.journal("a")) == 6, what="6 lessons")
+    swarm.stop_pupils()
+    connection = connect(swarm.broker)
+    try:
+        connection.channel().queue_delete(swarm.topology.lessons_stream)
+    finally:
+        connection.close()
+    swarm.declare()
+    swarm.publish([lesson(i) for i in range(4, 8)])  # two it did, two new ones
+    with caplog.at_level(logging.WARNING, logger="pupil_node.service"):
+        swarm.pupil("a")
+        wait_until(lambda: len(swarm.journal("a")) == 8, what="the 2 new lessons")
+    assert "deleted and declared again" in caplog.text
+    swarm.stop_pupils()
+    assert done_ids(swarm, "a") == [f"lesson-{i:05d}" for i in range(8)]
+    assert adapter_version(swarm, "a") == 8  # lessons 4 and 5 were not trained again
+
+
 def test_a_bad_lesson_on_the_stream_is_dead_lettered_with_its_reason(swarm: StreamSwarm) -> None:
     # A stream cannot dead-letter: the pupil republishes to <ns>.dead with the reason, and
     # carries on with the next lesson.

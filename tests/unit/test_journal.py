@@ -97,3 +97,13 @@ def test_a_node_resumes_at_the_lesson_whose_report_is_unconfirmed(tmp_path: Path
     assert journal.resume_offset() == 4
     journal.mark_reported("l2")
     assert journal.resume_offset() == 5
+
+
+def test_offsets_are_forgotten_when_the_stream_starts_over(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.record("l1", b"r1", offset=500)
+    journal.forget_offsets()
+    assert journal.offset is None and journal.resume_offset() is None
+    assert journal.entry("l1") is not None  # still done: a redelivery is only acked
+    journal.record("l2", b"r2", offset=0)
+    assert journal.resume_offset() == 0  # l2's report is not confirmed yet
