@@ -138,6 +138,12 @@ class Consumer:
     ``connected`` is set while a channel consumes. A lost connection is reconnected with
     backoff; deliveries of the lost channel are left for the broker to redeliver. On stop, the
     last hand-over is still sent, so the work in hand is not redone after a restart.
+
+    A stream (``stream_start`` given: the lesson stream) consumes from ``stream_start()`` at
+    every subscribe and is never nacked (RabbitMQ closes the connection for it). A requeue
+    abandons the channel at once, before any later delivery is handled, and the consumer
+    resubscribes from ``stream_start()``. A dead-letter republish that is refused is logged and
+    acked (docs/stream.md).
     """
 
     def __init__(
