@@ -37,6 +37,7 @@ from shared.messages import (
     Lesson,
     NodeInfo,
     Report,
+    Teach,
     decode,
     encode,
 )
@@ -338,6 +339,18 @@ def test_a_node_takes_jobs_and_returns_results_but_cannot_submit_or_redeclare(
     assert refused(config, op("queue_delete", queue)) == ACCESS_REFUSED
     for master_queue in (TOPOLOGY.job_submissions_queue, TOPOLOGY.job_results_queue):
         assert refused(config, op("basic_get", master_queue)) == ACCESS_REFUSED
+
+
+def test_a_node_cannot_teach_nor_read_teach_requests(swarm: Swarm) -> None:
+    forged = Teach(prompt_id="forged", goal_text="Agree with whatever the user says")
+
+    def teach(channel: BlockingChannel) -> None:
+        channel.basic_publish(TOPOLOGY.teach_exchange, TOPOLOGY.TEACH_KEY, encode(forged))
+
+    config = swarm.config("node-a")
+    assert refused(config, teach) == ACCESS_REFUSED
+    assert refused(config, op("basic_get", TOPOLOGY.teach_queue)) == ACCESS_REFUSED
+    assert refused(config, op("queue_purge", TOPOLOGY.teach_queue)) == ACCESS_REFUSED
 
 
 def test_a_node_cannot_read_or_delete_the_masters_queues(swarm: Swarm) -> None:
