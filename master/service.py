@@ -347,6 +347,7 @@ class MasterService:
         try:
             while not self.stop.is_set():
                 if not self.teach_pending(publisher):
+                    publisher.poll()  # an idle connection still answers the broker's heartbeats
                     self._requests_waiting.wait(WAIT_POLL_S)
                     self._requests_waiting.clear()
         finally:
