@@ -32,10 +32,11 @@
 #                            no user is created, nothing is chowned, systemctl is not run
 #   --no-systemctl         do everything except `systemctl daemon-reload/enable/restart`
 #
-# torch: the pupil depends on torch==2.13.0 (the adapter). On aarch64 (a 64-bit Pi) PyPI's wheel
-# of that release is a CPU build. On x86_64 PyPI's wheel is the CUDA build, several GB with its
-# nvidia-* dependencies. This script installs only from the package index pip is configured with;
-# for a CPU build on x86_64, pass a CPU wheel of torch 2.13.0 that you trust, e.g.
+# torch: the pupil depends on torch==2.13.0 (the adapter). PyPI's wheels of that release are CUDA
+# builds on x86_64 and on aarch64 (a 64-bit Pi) alike: with their nvidia-* and cuda-* wheels the
+# virtualenv is about 5 GB (measured on arm64, docs/deployment.md). They run on the CPU without a
+# GPU. This script installs only from the package index pip is configured with; for a CPU build,
+# pass a CPU wheel of torch 2.13.0 that you trust, e.g.
 # --pip-args /path/to/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl (`2.13.0+cpu` satisfies
 # the project's pin, so pip installs that file instead of the CUDA build).
 #
@@ -175,8 +176,8 @@ fi
 # -- 2. the virtualenv and the package -----------------------------------------------------------
 
 case $(uname -m) in
-  x86_64|amd64)
-    say "note: on x86_64, PyPI's torch==2.13.0 is the CUDA build (several GB); see --help" ;;
+  x86_64|amd64|aarch64|arm64)
+    say "note: PyPI's torch==2.13.0 is a CUDA build on $(uname -m) (about 5 GB installed); see --help" ;;
 esac
 install -d -m 0755 "$root$PREFIX"
 if [ ! -x "$root$VENV/bin/python" ]; then
