@@ -23,7 +23,7 @@ from master.prompts import load_prompts
 from master.service import MasterService
 from master.status import format_json, format_table
 from master.store import Store
-from master.teach_store import TeachStore
+from master.teach_store import Source, TeachStore
 from shared.backends import embedder_from, generator_from
 from shared.broker import Publisher
 from shared.cli_options import ConfigOpt, JsonOpt, StoreOpt, master_store
@@ -109,7 +109,8 @@ def status(
 def _taught_line(teach_store: TeachStore) -> str:
     """One line on lessons taught while the master ran: `teach` requests and jobs."""
     parts = []
-    for source, name in (("teach", "taught"), ("job", "from jobs")):
+    sources: tuple[tuple[Source, str], ...] = (("teach", "taught"), ("job", "from jobs"))
+    for source, name in sources:
         counts: dict[str, int] = {}
         for (_, outcome), n in teach_store.counts(source).items():
             counts[outcome] = counts.get(outcome, 0) + n
