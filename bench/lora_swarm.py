@@ -37,7 +37,9 @@ examples = 2
 """
 
 
-def study_config(every: int, max_steps: int, targets: str = "all") -> str:
+def study_config(
+    every: int, max_steps: int, targets: str = "all", epochs: int = 1, learning_rate: float = 2e-4
+) -> str:
     """The [pupil.study] section of the benchmark."""
     return f"""
 [pupil.study]
@@ -45,9 +47,10 @@ enabled = "on"
 every_lessons = {every}
 min_lessons = 20
 idle_s = 3600
+epochs = {epochs}
 max_steps = {max_steps}
 batch_size = 4
-learning_rate = 2e-4
+learning_rate = {learning_rate}
 rank = 16
 alpha = 32
 max_len = 256
@@ -62,13 +65,15 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY)
     parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=2e-4)
     # Another seed is another replicate: other pupil samples, other training batches' order.
     parser.add_argument("--seed", type=int, default=0, help="the pupils' sampling seed")
     parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora")
     parser.add_argument("--timeout-s", type=float, default=3 * 3600)
     args = parser.parse_args()
-    study = study_config(args.every, args.max_steps, args.targets)
+    study = study_config(args.every, args.max_steps, args.targets, args.epochs, args.lr)
     return run_and_evaluate(
         # A greedy master (as in the demo): one consistent target, ceiling 1.
         lambda url, ns: bench_config(url, ns, 0.0, GUIDANCE, study, args.seed),

@@ -313,6 +313,8 @@ class StudyConfig(_Section):
     min_lessons: int = Field(default=20, ge=2, le=1_000_000)
     # Train lessons a round uses (the newest; the validation slice is taken out of them).
     max_lessons: int = Field(default=2_000, ge=2, le=1_000_000)
+    # Passes over the round's train lessons; `max_steps` still bounds the round's work.
+    epochs: int = Field(default=1, ge=1, le=100)
     # Bounded work per round: at most this many optimiser steps of `batch_size` examples.
     max_steps: int = Field(default=40, ge=1, le=100_000)
     batch_size: int = Field(default=4, ge=1, le=256)

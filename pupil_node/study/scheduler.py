@@ -321,6 +321,7 @@ def study_settings(
         alpha=config.alpha,
         learning_rate=config.learning_rate,
         batch_size=config.batch_size,
+        epochs=config.epochs,
         max_steps=config.max_steps,
         threads=threads,
         target_modules=TARGETS[config.targets],

@@ -84,3 +84,20 @@ def test_the_study_section_chooses_which_projections_carry_the_lora(tmp_path: Pa
     toml.write_text('[pupil.study]\ntargets = "embeddings"\n')
     with pytest.raises(ConfigError, match="targets"):
         load_settings(toml)
+
+
+def test_the_study_section_sets_the_epochs_a_round_trains(tmp_path: Path) -> None:
+    """`epochs` reaches the round (and a round's child); zero epochs is refused."""
+    import pytest
+
+    from pupil_node.study.scheduler import study_settings
+    from pupil_node.study.worker import settings_from_json, settings_to_json
+    from shared.config import load_settings
+    from shared.errors import ConfigError
+
+    two = study_settings(StudyConfig(epochs=2), None, tmp_path, "pupil.j2", None)
+    assert settings_from_json(settings_to_json(two)).train.epochs == 2
+    toml = tmp_path / "swarm.toml"
+    toml.write_text("[pupil.study]\nepochs = 0\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        load_settings(toml)
