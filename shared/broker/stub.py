@@ -236,6 +236,7 @@ class StubPublisher(Publisher):
         self._stub = channel
 
     def _ensure_channel(self) -> BlockingChannel:
+        # The stub channel stands for every channel the publisher would open.
         if self._channel is None:
             if self._declare is not None:
                 self._declare(self._stub)
@@ -262,12 +263,7 @@ class StubWindowedPublisher(WindowedPublisher):
         self._stub = channel
         self.hold_confirms = False
 
-    def _ensure_channel(self) -> BlockingChannel:
-        if self._channel is None:
-            if self._declare is not None:
-                self._declare(self._stub)
-            self._channel = self._stub
-        return self._channel
+    _ensure_channel = StubPublisher._ensure_channel  # the same one stub channel
 
     def _send(self, channel: BlockingChannel, message: _Unconfirmed) -> None:
         try:

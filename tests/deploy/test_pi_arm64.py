@@ -45,7 +45,8 @@ import pytest
 
 from distill_swarm.local_broker import LocalBroker
 from tests.support.live_swarm import free_port, under_ci
-from tests.support.private_broker import require_rabbitmq_server
+from tests.support.private_broker import add_admin, require_rabbitmq_server
+from tests.support.wheel import build_wheel
 
 pytestmark = [pytest.mark.pi_arm64, pytest.mark.broker, pytest.mark.e2e]
 
@@ -213,19 +214,8 @@ def prepared() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel of this checkout (built from a copy: setuptools writes build/ into its source)."""
-    work = tmp_path_factory.mktemp("pi-wheel")
-    src = work / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for package in ("shared", "master", "pupil_node", "distill_swarm"):
-        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    result = run(*build, str(src), "-w", str(work / "dist"), timeout_s=300)
-    assert result.returncode == 0, result.stderr
-    (built,) = (work / "dist").glob("distill_swarm-*.whl")
-    return built
+    """A wheel of this checkout."""
+    return build_wheel(tmp_path_factory.mktemp("pi-wheel"))
 
 
 @pytest.fixture(scope="module")
@@ -271,14 +261,7 @@ def pi(
     shutil.copytree(ROOT / "deploy" / "pupil", root / "root" / "pupil")
     shutil.copy(wheel, root / "root" / wheel.name)
     with LocalBroker(management=True) as broker:
-        for args in (
-            ("add_vhost", VHOST),
-            ("add_user", ADMIN, ADMIN_PASSWORD),
-            ("set_user_tags", ADMIN, "administrator"),
-            ("set_permissions", "-p", VHOST, ADMIN, ".*", ".*", ".*"),
-        ):
-            ctl = broker.ctl(*args)
-            assert ctl.returncode == 0, ctl.stderr
+        add_admin(broker, VHOST, ADMIN, ADMIN_PASSWORD)
         pi = Pi(root, work, broker, ollama)
         booted = run(
             str(SCRIPT), "boot", str(root), str(pi.console), f"--bind-ro={paths['WHEELS']}:/wheels",

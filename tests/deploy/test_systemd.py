@@ -31,6 +31,7 @@ import pytest
 from shared.cli_support import ExitCode
 from shared.config import load_settings
 from tests.support.live_swarm import require_binary
+from tests.support.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 PUPIL_DIR = ROOT / "deploy" / "pupil"
@@ -83,23 +84,8 @@ class Installed:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel of this checkout, built from a copy (setuptools would write build/ in the tree)."""
-    work = tmp_path_factory.mktemp("wheel")
-    src = work / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for package in ("shared", "master", "pupil_node", "distill_swarm"):
-        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
-    subprocess.run(
-        [*build, str(src), "-w", str(work / "dist")],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (built,) = (work / "dist").glob("distill_swarm-*.whl")
-    return built
+    """A wheel of this checkout."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def run_script(script: Path, *args: str) -> subprocess.CompletedProcess[str]:

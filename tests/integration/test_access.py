@@ -42,7 +42,7 @@ from shared.messages import (
     encode,
 )
 from shared.topology import ORIGIN_QUEUE_HEADER, REASON_HEADER, Topology
-from tests.support.private_broker import require_rabbitmq_server, wait_for
+from tests.support.private_broker import add_admin, require_rabbitmq_server, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -101,14 +101,7 @@ def node_add(broker: LocalBroker, name: str, *extra: str) -> tuple[str, str]:
 def swarm() -> Iterator[Swarm]:
     require_rabbitmq_server("rabbitmq_management")
     with LocalBroker(management=True) as broker:
-        for args in (
-            ("add_vhost", VHOST),
-            ("add_user", ADMIN, ADMIN_PASSWORD),
-            ("set_user_tags", ADMIN, "administrator"),
-            ("set_permissions", "-p", VHOST, ADMIN, ".*", ".*", ".*"),
-        ):
-            result = broker.ctl(*args)
-            assert result.returncode == 0, result.stderr
+        add_admin(broker, VHOST, ADMIN, ADMIN_PASSWORD)
         admin_url = f"amqp://{ADMIN}:{ADMIN_PASSWORD}@127.0.0.1:{broker.port}/{VHOST}"
         connection = connect(BrokerConfig(url=admin_url))
         try:

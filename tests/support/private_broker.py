@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_swarm.local_broker import find_rabbitmq_server
+from distill_swarm.local_broker import LocalBroker, find_rabbitmq_server
 
 
 def skip_or_fail(reason: str) -> None:
@@ -52,3 +52,16 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def add_admin(broker: LocalBroker, vhost: str, user: str, password: str) -> None:
+    """A vhost on a private broker and an administrator with every permission on it (what an
+    operator has before `distill-swarm node add`)."""
+    for args in (
+        ("add_vhost", vhost),
+        ("add_user", user, password),
+        ("set_user_tags", user, "administrator"),
+        ("set_permissions", "-p", vhost, user, ".*", ".*", ".*"),
+    ):
+        result = broker.ctl(*args)
+        assert result.returncode == 0, result.stderr
