@@ -1,7 +1,7 @@
 """The windowed publisher on the stub broker: what is marked done, and when.
 
 The wire (nacks, lost connections) is tested on RabbitMQ in
-tests/integration/test_windowed_publisher.py; here, the bookkeeping around confirms.
+tests/integration/test_windowed_publisher_on_broker.py; here, the bookkeeping around confirms.
 """
 
 from __future__ import annotations
