@@ -35,6 +35,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from pupil_node.disk import StateWriteFailed
 from pupil_node.jobs import JobWorker
+from pupil_node.journal import Journal
 from pupil_node.node import PupilNode
 from shared.backends import probe
 from shared.broker import (
@@ -90,7 +91,7 @@ class PupilService:
             settings.broker.namespace, settings.broker.quorum_queues, lessons=settings.lessons
         )
         self.stream = (
-            StreamPosition(node.journal.offset, settings.lessons.catch_up_log_every)
+            StreamPosition(node.journal, settings.lessons.catch_up_log_every)
             if self.topology.uses_stream
             else None
         )
@@ -219,7 +220,6 @@ class PupilService:
                 resume,
             )
             self.node.journal.forget_offsets()
-            self.stream.offset = None
             resume = None
         self.stream.resume_from = 0 if resume is None else resume
         if resume is None:
@@ -393,16 +393,22 @@ class StreamPosition:
     """Where a node stands in the lesson stream: what it has done, the head, what it lost.
 
     Written by the consumer's threads, read by the keepalive thread and at each scrape; plain
-    int assignments, so no lock.
+    int assignments, so no lock. The offset done is the journal's, which records it with each
+    lesson; nothing here keeps a second copy.
     """
 
-    def __init__(self, offset: int | None, log_every: int) -> None:
+    def __init__(self, journal: Journal, log_every: int) -> None:
         self.log_every = log_every
-        self.offset = offset  # the highest offset done (the journal's), for catch-up logs
+        self._journal = journal
         self.head: int | None = None
         self.resume_from = 0  # deliveries below this offset were done before this subscribe
         self.lost: tuple[int, int] | None = None
         self._since_log = 0
+
+    @property
+    def offset(self) -> int | None:
+        """The highest offset done (None before the node read the stream)."""
+        return self._journal.offset
 
     @property
     def lost_count(self) -> int:
@@ -426,8 +432,8 @@ class StreamPosition:
         return f"head at offset {self.head}, up to {max(0, behind)} lessons to catch up on"
 
     def done(self, offset: int) -> None:
-        """Worker thread, after each stream lesson: log the catch-up every so many lessons."""
-        self.offset = offset
+        """Worker thread, after each stream lesson (journalled at ``offset``): log the catch-up
+        every so many lessons."""
         if self.head is None or offset > self.head:
             self.head = offset
         if self.head - offset <= 0:
