@@ -39,7 +39,40 @@ log = logging.getLogger(__name__)
 MAX_PUBLISH_ATTEMPTS = 5
 
 
-class Publisher:
+class _PublishingConnection:
+    """What both publishers keep of their connection: one channel, reopened when lost."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        declare: Callable[[BlockingChannel], object] | None,
+        stop: threading.Event | None,
+    ) -> None:
+        self._config = config
+        self._declare = declare
+        self._stop = stop
+        # Every message carries the broker user it was sent as. RabbitMQ refuses a user_id that
+        # differs from the connection's user, so a receiver can trust it to say who sent what.
+        self._user_id = broker_user(config.url)
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._connected_once = False
+
+    def _new_channel(self) -> BlockingChannel:
+        """A channel on a new connection (the old one dropped): the first connection gets
+        ``broker.connect_attempts`` tries, later ones wait for the broker until ``stop``."""
+        self._drop()
+        self._connection = connect(self._config, self._stop, until_stopped=self._connected_once)
+        self._connected_once = True
+        return self._connection.channel()
+
+    def _drop(self) -> None:
+        # Forget the channel and the connection so that the next attempt opens new ones of each.
+        connection, self._connection, self._channel = self._connection, None, None
+        close_quietly(connection)
+
+
+class Publisher(_PublishingConnection):
     """Publishes persistent messages with publisher confirms, reconnecting when needed.
 
     ``publish`` returns only after the broker confirmed the message, so a caller that acks its
@@ -54,34 +87,18 @@ class Publisher:
         declare: Callable[[BlockingChannel], object] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
-        self._config = config
-        self._declare = declare
-        self._stop = stop
-        # Every message carries the broker user it was sent as. RabbitMQ refuses a user_id that
-        # differs from the connection's user, so a receiver can trust it to say who sent what.
-        self._user_id = broker_user(config.url)
+        super().__init__(config, declare, stop)
         self._lock = threading.Lock()
-        self._connection: BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._connected_once = False
 
     def _ensure_channel(self) -> BlockingChannel:
         if self._channel is not None and self._channel.is_open:
             return self._channel
-        self._drop()
-        self._connection = connect(self._config, self._stop, until_stopped=self._connected_once)
-        self._connected_once = True
-        channel = self._connection.channel()
+        channel = self._new_channel()
         channel.confirm_delivery()
         if self._declare is not None:
             self._declare(channel)
         self._channel = channel
         return channel
-
-    def _drop(self) -> None:
-        # Forget the channel and the connection so that the next attempt opens new ones of each.
-        connection, self._connection, self._channel = self._connection, None, None
-        close_quietly(connection)
 
     def publish(
         self,
@@ -171,7 +188,7 @@ class _Unconfirmed:
     not_before: float = 0.0  # monotonic time before which it is not sent again (after a nack)
 
 
-class WindowedPublisher:
+class WindowedPublisher(_PublishingConnection):
     """Publishes persistent messages with up to ``window`` publisher confirms in flight.
 
     Where :class:`Publisher` waits for each confirm before the next publish (one broker round
@@ -202,14 +219,8 @@ class WindowedPublisher:
     ) -> None:
         if window < 1:
             raise ValueError("a confirm window holds at least one message")
-        self._config = config
-        self._declare = declare
-        self._stop = stop
+        super().__init__(config, declare, stop)
         self._window = window
-        self._user_id = broker_user(config.url)
-        self._connection: BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._connected_once = False
         # Delivery tag -> message, oldest first (dicts keep insertion order).
         self._in_flight: dict[int, _Unconfirmed] = {}
         self._next_tag = 1
@@ -389,10 +400,7 @@ class WindowedPublisher:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self._requeue_in_flight()
-        self._drop()
-        self._connection = connect(self._config, self._stop, until_stopped=self._connected_once)
-        self._connected_once = True
-        channel = self._connection.channel()
+        channel = self._new_channel()
         if self._declare is not None:
             self._declare(channel)
         selected: list[object] = []
@@ -400,7 +408,7 @@ class WindowedPublisher:
         impl.add_on_return_callback(self._on_return)
         impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=selected.append)
         while not selected:
-            self._connection.process_data_events(CONFIRM_POLL_S)
+            channel.connection.process_data_events(CONFIRM_POLL_S)
         self._channel = channel
         self._next_tag = 1  # delivery tags count per channel, from 1
         return channel
@@ -412,7 +420,3 @@ class WindowedPublisher:
         self._in_flight.clear()
         self._resend.extendleft(reversed(lost))
         self._returned.clear()
-
-    def _drop(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        close_quietly(connection)
